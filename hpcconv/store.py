@@ -1,0 +1,286 @@
+"""Content-addressed blob store laid out as an OCI image layout.
+
+    $HPCCONV_STORE (default $XDG_CACHE_HOME/hpcconv/store)
+      oci-layout                 {"imageLayoutVersion": "1.0.0"}
+      index.json                 one entry per reference pulled (annotation org.opencontainers.image.ref.name)
+      blobs/<algo>/<hex>         verified blobs only
+      tmp/                       partial downloads: <algo>-<hex>.partial (+ .lock), resumable
+      locks/                     index.json lock
+
+Rules: a blob reaches `blobs/` only after its full content matched its digest (write to a temp
+file, fsync, rename). Several processes may share the store: renames are atomic, a partial download
+is owned by whoever holds its `flock`, index.json updates happen under a lock and are written
+atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from .errors import CorruptInput, HpcconvError
+from .image import Descriptor, check_digest, digest_bytes, hasher_for
+
+REF_ANNOTATION = "org.opencontainers.image.ref.name"
+CHUNK = 1 << 20
+
+
+def default_store_path() -> Path:
+    if os.environ.get("HPCCONV_STORE"):
+        return Path(os.environ["HPCCONV_STORE"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "hpcconv" / "store"
+
+
+class StoreError(HpcconvError):
+    exit_code = 3
+
+
+@contextlib.contextmanager
+def _flock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            got = True
+        except BlockingIOError:
+            got = False
+        yield got
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class BlobWriter:
+    """Write one blob into the store: append to a partial file, verify, then publish atomically.
+
+    Use as a context manager. `offset` is how many bytes of a previous partial download are kept
+    (resume with HTTP Range from there); call `restart()` if the server ignored the range."""
+
+    def __init__(self, store: "Store", digest: str, size: int | None):
+        self.store, self.digest, self.size = store, digest, size
+        algo, hexd = check_digest(digest)
+        self.partial = store.root / "tmp" / f"{algo}-{hexd}.partial"
+        self._lockfile = store.root / "tmp" / f"{algo}-{hexd}.lock"
+        self._lock_cm = None
+        self._f: BinaryIO | None = None
+        self._h = hasher_for(digest)
+        self.offset = 0
+        self.written = 0
+
+    def __enter__(self) -> "BlobWriter":
+        self._lock_cm = _flock(self._lockfile)
+        self._lock_cm.__enter__()  # blocks while another process downloads the same blob
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.partial, "ab+")
+        self._f.seek(0)
+        # re-hash what a previous (interrupted) run left, so a resumed download is verified whole
+        while True:
+            chunk = self._f.read(CHUNK)
+            if not chunk:
+                break
+            self._h.update(chunk)
+            self.offset += len(chunk)
+        if self.size is not None and self.offset > self.size:
+            self.restart()
+        return self
+
+    @property
+    def already_present(self) -> bool:
+        return self.store.has(self.digest)
+
+    def restart(self) -> None:
+        assert self._f is not None
+        self._f.seek(0)
+        self._f.truncate()
+        self._h = hasher_for(self.digest)
+        self.offset = 0
+
+    def write(self, data: bytes) -> None:
+        assert self._f is not None
+        if self.size is not None and self.offset + self.written + len(data) > self.size:
+            raise CorruptInput(f"blob {self.digest} is larger than its declared size {self.size}")
+        self._f.write(data)
+        self._h.update(data)
+        self.written += len(data)
+
+    def commit(self) -> Path:
+        """Verify and publish. On mismatch the partial file is deleted and CorruptInput raised."""
+        assert self._f is not None
+        total = self.offset + self.written
+        got = f"{self.digest.split(':', 1)[0]}:{self._h.hexdigest()}"
+        if (self.size is not None and total != self.size) or got != self.digest:
+            self.discard()
+            if self.size is not None and total != self.size:
+                raise CorruptInput(f"blob {self.digest}: got {total} bytes, expected {self.size}")
+            raise CorruptInput(f"blob {self.digest} does not match its content (got {got})")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        dest = self.store.blob_path(self.digest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.partial, 0o644)
+        os.replace(self.partial, dest)
+        return dest
+
+    def discard(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.partial)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if self._f is not None:
+                # interrupted: keep the partial bytes for a resume unless they were proven wrong
+                if isinstance(exc, CorruptInput):
+                    self.discard()
+                else:
+                    self._f.close()
+                    self._f = None
+        finally:
+            self._lock_cm.__exit__(None, None, None)
+
+
+@dataclass
+class Store:
+    root: Path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None = None) -> "Store":
+        root = Path(path) if path else default_store_path()
+        try:
+            (root / "blobs").mkdir(parents=True, exist_ok=True)
+            (root / "tmp").mkdir(exist_ok=True)
+            if not (root / "oci-layout").exists():
+                _write_atomic(root / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+            if not (root / "index.json").exists():
+                with _flock(root / "locks" / "index.lock"):
+                    if not (root / "index.json").exists():
+                        _write_atomic(root / "index.json", _empty_index())
+        except OSError as e:
+            raise StoreError(f"cannot use store {root}: {e.strerror or e}",
+                             hint="set HPCCONV_STORE to a writable directory") from None
+        return cls(root)
+
+    # blobs ------------------------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        algo, hexd = check_digest(digest)
+        return self.root / "blobs" / algo / hexd
+
+    def has(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest} is not in the store {self.root}") from None
+
+    def read_blob(self, digest: str, limit: int | None = None) -> bytes:
+        with self.open_blob(digest) as f:
+            data = f.read() if limit is None else f.read(limit + 1)
+        if limit is not None and len(data) > limit:
+            raise CorruptInput(f"blob {digest} is larger than the {limit}-byte limit")
+        return data
+
+    def writer(self, digest: str, size: int | None = None) -> BlobWriter:
+        return BlobWriter(self, digest, size)
+
+    def put_bytes(self, data: bytes, digest: str | None = None) -> str:
+        digest = digest or digest_bytes(data)
+        if self.has(digest):
+            return digest
+        with self.writer(digest, len(data)) as w:
+            if self.has(digest):
+                return digest
+            w.restart()
+            w.write(data)
+            w.commit()
+        return digest
+
+    def put_stream(self, stream: BinaryIO, digest: str, size: int | None = None, progress=None) -> Path:
+        """Copy a stream into the store, verifying it against `digest` (and `size` if known)."""
+        if self.has(digest):
+            return self.blob_path(digest)
+        with self.writer(digest, size) as w:
+            if self.has(digest):
+                return self.blob_path(digest)
+            w.restart()
+            try:
+                while True:
+                    chunk = stream.read(CHUNK)
+                    if not chunk:
+                        break
+                    w.write(chunk)
+                    if progress is not None:
+                        progress.advance(len(chunk))
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    w.discard()
+                    raise StoreError(f"disk full while writing blob {digest} into {self.root}") from None
+                raise
+            return w.commit()
+
+    # references ------------------------------------------------------------------------------------
+    def _read_index(self) -> dict:
+        try:
+            return json.loads((self.root / "index.json").read_bytes())
+        except (FileNotFoundError, ValueError):
+            return json.loads(_empty_index())
+
+    def tag(self, ref: str, desc: Descriptor) -> None:
+        """Record `ref` -> manifest/index descriptor in index.json (replacing an older entry)."""
+        with _flock(self.root / "locks" / "index.lock"):
+            idx = self._read_index()
+            entries = [m for m in idx.get("manifests", [])
+                       if (m.get("annotations") or {}).get(REF_ANNOTATION) != ref]
+            d = desc.to_json()
+            d.setdefault("annotations", {})[REF_ANNOTATION] = ref
+            entries.append(d)
+            idx["manifests"] = entries
+            _write_atomic(self.root / "index.json", json.dumps(idx, indent=2, sort_keys=True).encode())
+
+    def resolve(self, ref: str) -> Descriptor | None:
+        for m in self._read_index().get("manifests", []):
+            if (m.get("annotations") or {}).get(REF_ANNOTATION) == ref:
+                return Descriptor.from_json(m)
+        return None
+
+    def refs(self) -> dict[str, Descriptor]:
+        out = {}
+        for m in self._read_index().get("manifests", []):
+            name = (m.get("annotations") or {}).get(REF_ANNOTATION)
+            if name:
+                out[name] = Descriptor.from_json(m)
+        return out
+
+
+def _empty_index() -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": []}).encode()

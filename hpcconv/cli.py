@@ -67,7 +67,7 @@ class Compression(str, Enum):
 
 # shared options ----------------------------------------------------------------------------------------
 PlatformOpt = typer.Option(None, "--platform", help="OS/ARCH[/VARIANT] to pick from a multi-arch image, e.g. linux/arm64.")
-InsecureOpt = typer.Option(None, "--insecure", help="Allow plain HTTP (and unverified TLS) for this registry host[:port]; repeatable. Without a value-less use, names the source's host.")
+InsecureOpt = typer.Option(False, "--insecure", help="Allow plain HTTP (and unverified TLS) for the registry named in SOURCE, and only for it.")
 CaCertOpt = typer.Option(None, "--ca-cert", help="PEM bundle of extra CAs for registry TLS (also: SSL_CERT_FILE).")
 StoreOpt = typer.Option(None, "--store", help="Blob store directory (default $HPCCONV_STORE or ~/.cache/hpcconv/store).")
 UserOpt = typer.Option(None, "--username", help="Registry user; the password comes from $HPCCONV_PASSWORD or --password-stdin.")
@@ -80,7 +80,7 @@ def _reporter():
     return Reporter(enabled=not (G.quiet or G.json))
 
 
-def _source_options(source: str, platform: Optional[str], insecure: Optional[list[str]], ca_cert: Optional[Path],
+def _source_options(source: str, platform: Optional[str], insecure: bool, ca_cert: Optional[Path],
                     store: Optional[Path], username: Optional[str], password_stdin: bool, reporter):
     from .image import Platform
     from .sources import SourceOptions
@@ -98,7 +98,7 @@ def _source_options(source: str, platform: Optional[str], insecure: Optional[lis
         raise UsageError(f"CA bundle {ca_cert} does not exist")
     return SourceOptions(
         platform=Platform.parse(platform) if platform else None,
-        insecure_hosts=tuple(insecure or ()),
+        insecure=insecure,
         ca_cert=str(ca_cert) if ca_cert else None,
         store_path=str(store) if store else None,
         username=username,
@@ -138,7 +138,7 @@ def _checks_table(checks) -> None:
 def pull(
     source: str = typer.Argument(..., help="Image to fetch into the store, e.g. docker://REGISTRY/REPO:TAG."),
     platform: Optional[str] = PlatformOpt,
-    insecure: Optional[list[str]] = InsecureOpt,
+    insecure: bool = InsecureOpt,
     ca_cert: Optional[Path] = CaCertOpt,
     store: Optional[Path] = StoreOpt,
     username: Optional[str] = UserOpt,
@@ -161,7 +161,7 @@ def pull(
 def inspect(
     source: str = typer.Argument(..., help="Image to describe."),
     platform: Optional[str] = PlatformOpt,
-    insecure: Optional[list[str]] = InsecureOpt,
+    insecure: bool = InsecureOpt,
     ca_cert: Optional[Path] = CaCertOpt,
     store: Optional[Path] = StoreOpt,
     username: Optional[str] = UserOpt,
@@ -198,7 +198,7 @@ def export(
     output: Path = typer.Option(..., "-o", "--output", help="Tar file to write (`-` for stdout)."),
     raw: bool = typer.Option(False, "--raw", help="The flattened rootfs as is, with no profile rewrites."),
     platform: Optional[str] = PlatformOpt,
-    insecure: Optional[list[str]] = InsecureOpt,
+    insecure: bool = InsecureOpt,
     ca_cert: Optional[Path] = CaCertOpt,
     store: Optional[Path] = StoreOpt,
     username: Optional[str] = UserOpt,
@@ -230,7 +230,7 @@ def convert(
     profile: Optional[str] = typer.Option(None, "--profile", help="Architecture profile of the target site."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the checks as JSON to this file."),
     platform: Optional[str] = PlatformOpt,
-    insecure: Optional[list[str]] = InsecureOpt,
+    insecure: bool = InsecureOpt,
     ca_cert: Optional[Path] = CaCertOpt,
     store: Optional[Path] = StoreOpt,
     username: Optional[str] = UserOpt,

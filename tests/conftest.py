@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from dockertools import Engine, busybox_image  # noqa: E402
 
+pytest_plugins = ["registryfix"]
+
 WORK = Path(os.environ.get("HPCCONV_TEST_WORK", "/var/tmp/hpcconv-test"))
 REQUIRE_ALL = os.environ.get("HPCCONV_REQUIRE_ALL") == "1"
 

@@ -31,7 +31,7 @@ TRANSPORTS = {
 @dataclass
 class SourceOptions:
     platform: Platform | None = None          # None: the host's platform (or the profile's)
-    insecure_hosts: tuple[str, ...] = ()      # registries the user allows over plain HTTP
+    insecure: bool = False                    # allow plain HTTP / unverified TLS for the source's registry only
     ca_cert: str | None = None                # extra CA bundle for registry TLS
     store_path: str | None = None             # None: $HPCCONV_STORE or the XDG cache default
     username: str | None = None               # explicit registry credentials (never from argv)

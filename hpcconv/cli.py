@@ -288,12 +288,10 @@ def main() -> None:
     except typer.Abort:
         print("hpcconv: aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # click usage errors (typer vendors click, so match by shape)
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
-            sys.exit(2)
+            sys.exit(e.exit_code or 2)
         if isinstance(e, BrokenPipeError):
             sys.exit(1)
         raise

@@ -64,8 +64,8 @@ class _Guard(io.RawIOBase):
     def readinto(self, b) -> int:
         try:
             data = self._inner.read(len(b))
-        except CorruptInput:
-            raise
+        except CorruptInput as e:
+            raise CorruptInput(f"{self._what}: cannot decompress: {e.message}") from None
         except (OSError, EOFError, ValueError) as e:
             raise CorruptInput(f"{self._what}: cannot decompress: {e}") from None
         except Exception as e:  # zstd.ZstdError and friends
@@ -82,6 +82,67 @@ class _Guard(io.RawIOBase):
             super().close()
 
 
+class _ZstdFrames(io.RawIOBase):
+    """Decode concatenated zstd frames (and skip skippable ones); a frame cut short is an error.
+
+    zstandard's `stream_reader` ends silently on a truncated frame, so frames are decoded one
+    `decompressobj` at a time and the last one must reach its end."""
+
+    def __init__(self, src: BinaryIO):
+        import zstandard
+
+        self._src = src
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+        self._obj = None
+        self._pending = b""
+        self._out = memoryview(b"")
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        while not self._out and not self._eof:
+            data = self._pending or self._src.read(CHUNK)
+            self._pending = b""
+            if not data:
+                if self._obj is not None:
+                    raise CorruptInput("zstd stream ends in the middle of a frame")
+                self._eof = True
+                return
+            if self._obj is None:
+                if len(data) < 8 and int.from_bytes(data[:4].ljust(4, b"\0"), "little") in ZSTD_SKIPPABLE:
+                    data += self._src.read(8)
+                magic = int.from_bytes(data[:4], "little")
+                if magic in ZSTD_SKIPPABLE and len(data) >= 8:
+                    skip = 8 + int.from_bytes(data[4:8], "little")
+                    while len(data) < skip:
+                        more = self._src.read(skip - len(data))
+                        if not more:
+                            raise CorruptInput("zstd stream ends in a skippable frame")
+                        data += more
+                    self._pending = data[skip:]
+                    continue
+                self._obj = self._dctx.decompressobj()
+            self._out = memoryview(self._obj.decompress(data))
+            if self._obj.eof:
+                self._pending = self._obj.unused_data
+                self._obj = None
+
+    def readinto(self, b) -> int:
+        self._fill()
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        try:
+            self._src.close()
+        finally:
+            super().close()
+
+
 def open_decompressed(raw: BinaryIO, what: str = "layer") -> BinaryIO:
     """Return a buffered reader yielding the uncompressed tar bytes of `raw`."""
     head = raw.read(4)
@@ -92,10 +153,7 @@ def open_decompressed(raw: BinaryIO, what: str = "layer") -> BinaryIO:
 
         inner = igzip.IGzipFile(fileobj=src, mode="rb")
     elif kind == "zstd":
-        import zstandard
-
-        dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-        inner = dctx.stream_reader(src, read_size=CHUNK, read_across_frames=True, closefd=True)
+        inner = _ZstdFrames(src)
     else:
         return src
     return io.BufferedReader(_Guard(inner, what), CHUNK)

@@ -39,7 +39,7 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 SCHEMA1_TYPES = (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED)
 MANIFEST_ACCEPT = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
 
-_DIGEST_RE = re.compile(r"^(sha256):([a-f0-9]{64})$|^(sha512):([a-f0-9]{128})$")
+_DIGEST_RE = re.compile(r"(sha256):([a-f0-9]{64})|(sha512):([a-f0-9]{128})")
 _ALGOS = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 
 
@@ -47,7 +47,7 @@ def check_digest(digest: str) -> tuple[str, str]:
     """Validate a digest string and return (algorithm, hex). Raises CorruptInput naming the digest."""
     if not isinstance(digest, str):
         raise CorruptInput(f"malformed digest {digest!r}")
-    m = _DIGEST_RE.match(digest)
+    m = _DIGEST_RE.fullmatch(digest)
     if not m:
         algo = digest.split(":", 1)[0] if ":" in digest else ""
         if algo and re.fullmatch(r"[a-z0-9]+([+._-][a-z0-9]+)*", algo) and algo not in _ALGOS:

@@ -1,0 +1,42 @@
+"""Layer decompression by magic bytes, checked against the stdlib/zstd reference encoders."""
+
+import gzip
+import io
+import os
+
+import pytest
+import zstandard
+
+from hpcconv.compression import open_decompressed
+from hpcconv.errors import CorruptInput
+
+DATA = os.urandom(1 << 16) * 20
+
+
+def test_gzip_multi_member():
+    blob = gzip.compress(DATA[:5000]) + gzip.compress(DATA)
+    assert open_decompressed(io.BytesIO(blob)).read() == DATA[:5000] + DATA
+
+
+def test_zstd_multi_frame_and_skippable():
+    c = zstandard.ZstdCompressor(level=3)
+    skippable = (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"skip"
+    blob = c.compress(DATA[:100]) + skippable + c.compress(DATA)
+    assert open_decompressed(io.BytesIO(blob)).read() == DATA[:100] + DATA
+
+
+def test_zstd_long_window():
+    params = zstandard.ZstdCompressionParameters.from_level(1, window_log=28, enable_ldm=True)
+    blob = zstandard.ZstdCompressor(compression_params=params).compress(DATA)
+    assert open_decompressed(io.BytesIO(blob)).read() == DATA
+
+
+def test_uncompressed_passthrough():
+    assert open_decompressed(io.BytesIO(DATA)).read() == DATA
+
+
+@pytest.mark.parametrize("how", ["gzip", "zstd"])
+def test_truncated_is_corrupt(how):
+    blob = (gzip.compress(DATA) if how == "gzip" else zstandard.ZstdCompressor().compress(DATA))[:-100]
+    with pytest.raises(CorruptInput, match="cannot decompress"):
+        open_decompressed(io.BytesIO(blob), "layer 1").read()

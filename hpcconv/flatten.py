@@ -1,0 +1,530 @@
+"""Flatten an image's layers into one stream of rootfs entries, as the Docker engine would.
+
+Two passes, no rootfs on disk, memory bounded by metadata:
+
+1. *Index pass*: every layer is decompressed once and only its tar headers are read. OCI changeset
+   semantics are applied in layer order to an in-memory tree (metadata only): whiteouts, opaque
+   directories, type changes, implied parents, symlinked parents, hardlinks as shared inodes. Each
+   regular file's inode remembers where its content lives (layer, member ordinal). Layer digests
+   and `rootfs.diff_ids` are verified here.
+2. *Emit pass*: directories and every entry without content are yielded first (parents first),
+   then the layers that hold needed content are streamed again in order and each surviving file is
+   yielded when its member is reached, followed by the hardlinks to it.
+
+Semantics (image-spec `layer.md`, moby `pkg/archive`, checked against Docker 20.10 / overlay2 by
+tests/test_flatten_docker.py):
+
+* names: `./` and leading `/` stripped, `a/../b` cleaned lexically; a name whose `..` climbs
+  above the root is refused (UnsafeInput) where Docker silently clamps it to the root;
+* `.wh.NAME` deletes NAME from lower layers only (a same-layer NAME is kept, with a warning;
+  Docker refuses such a layer); `.wh..wh..opq` hides every lower-layer child of its directory
+  wherever it sits in the layer; other `.wh..wh.*` AUFS metadata (and `.wh..wh.plnk/` contents)
+  are ignored;
+* dir over dir merges (the new attributes win, children stay); anything else replaces, and a
+  non-directory replacing a directory drops its subtree;
+* a missing parent is created 0755 root:root; an existing lower directory keeps its attributes
+  (Docker on overlay2 resets it to 0755 root:root in the merged view, containerd keeps it);
+* a parent that is a symlink is followed inside the root (chroot semantics, `lib -> usr/lib`);
+  Docker on overlay2 instead replaces the symlink with a directory — see the tests;
+  a parent that is another non-directory is replaced by a directory (warning);
+* hardlinks share an inode: the target is resolved from the root (leading `/` stripped), may lie
+  in a lower layer (Docker on overlay2 refuses that at `docker load`; the spec allows it), keeps
+  its content when the target path is later removed or overwritten, and a hardlink header's
+  uid/gid (and, unless the inode is a symlink, mode and mtime) apply to the shared inode, as
+  moby's createTarFile does; a missing target becomes an empty file with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import time
+from typing import Iterator
+
+from .compression import CHUNK, open_decompressed
+from .entries import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, XATTR_PREFIX, Entry,
+                      entry_type_of)
+from .errors import CorruptInput, HpcconvError, UnsafeInput
+from .harness.checks import FAIL, PASS, WARN, Checks
+from .image import Image, Layer, VerifyingReader, hasher_for
+from .progress import NULL
+
+STAGE = "flatten"
+WH = ".wh."
+WH_META = ".wh..wh."
+WH_OPAQUE = ".wh..wh..opq"
+WH_PLNK = ".wh..wh.plnk"
+MAX_SYMLINK_HOPS = 40
+MAX_WARNINGS_KEPT = 50
+
+
+class Ino:
+    """One inode of the model. Directories carry `children`; regular files with content carry
+    `src` = (layer index, member ordinal)."""
+
+    __slots__ = ("type", "mode", "uid", "gid", "mtime", "linkname", "major", "minor", "xattrs", "size",
+                 "src", "children")
+
+    def __init__(self, type_: str, mode: int = 0o755, uid: int = 0, gid: int = 0, mtime: float = 0,
+                 linkname: str = "", major: int = 0, minor: int = 0, xattrs: dict | None = None,
+                 size: int = 0, src: tuple[int, int] | None = None):
+        self.type = type_
+        self.mode, self.uid, self.gid, self.mtime = mode, uid, gid, mtime
+        self.linkname, self.major, self.minor = linkname, major, minor
+        self.xattrs = xattrs or {}
+        self.size, self.src = size, src
+        self.children: dict[str, Ino] | None = {} if type_ == DIR else None
+
+
+def _implied_dir() -> Ino:
+    return Ino(DIR, 0o755)
+
+
+def _xattrs_of(ti: tarfile.TarInfo) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for k, v in ti.pax_headers.items():
+        if k.startswith(XATTR_PREFIX):
+            out[k[len(XATTR_PREFIX):]] = v.encode("utf-8", "surrogateescape")
+        elif k.startswith("LIBARCHIVE.xattr."):
+            import base64
+            from urllib.parse import unquote_to_bytes
+            name = unquote_to_bytes(k[len("LIBARCHIVE.xattr."):]).decode("utf-8", "surrogateescape")
+            try:
+                out.setdefault(name, base64.b64decode(v + "=" * (-len(v) % 4)))
+            except ValueError:
+                pass
+    return out
+
+
+def clean_name(name: str) -> list[str]:
+    """Components of a member name: `/`, `.` and empty parts dropped, `..` applied lexically.
+    Raises UnsafeInput when `..` climbs above the root and CorruptInput for a NUL byte."""
+    if "\0" in name:
+        raise CorruptInput("name contains a NUL byte")
+    parts: list[str] = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if not parts:
+                raise UnsafeInput("path climbs out of the root with '..'")
+            parts.pop()
+            continue
+        parts.append(p)
+    return parts
+
+
+class _Counting(io.RawIOBase):
+    """Hash and count uncompressed bytes (diff_id, decompression-bomb cap)."""
+
+    def __init__(self, inner, hasher, cap: int | None, done: int, what: str):
+        self._inner, self.h, self._cap, self.n, self._done, self._what = inner, hasher, cap, 0, done, what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._inner.read(len(b))
+        if data:
+            self.n += len(data)
+            if self._cap is not None and self._done + self.n > self._cap:
+                raise CorruptInput(f"{self._what}: expands beyond {self._cap} bytes (decompression bomb?)")
+            if self.h is not None:
+                self.h.update(data)
+        b[: len(data)] = data
+        return len(data)
+
+
+class _Progress(io.RawIOBase):
+    def __init__(self, inner, task):
+        self._inner, self._task = inner, task
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._inner.read(len(b))
+        if data:
+            self._task.advance(len(data))
+        b[: len(data)] = data
+        return len(data)
+
+
+class Flattener:
+    def __init__(self, image: Image, reporter=NULL, max_expanded: int | None = None):
+        self.image = image
+        self.reporter = reporter or NULL
+        self.max_expanded = max_expanded
+        self.checks = Checks()
+        self.warnings: list[str] = []
+        self.stats = {"layers": len(image.layers), "members": 0, "whiteouts": 0, "opaque": 0,
+                      "hardlinks": 0, "expanded_bytes": 0, "layers_reread": 0, "entries": 0,
+                      "by_type": {}, "content_bytes": 0, "warnings": 0}
+        self.root = _implied_dir()
+        self._indexed = False
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _what(self, i: int) -> str:
+        layer = self.image.layers[i]
+        return f"layer {i + 1}/{len(self.image.layers)} ({layer.digest[:19]})"
+
+    def _warn(self, msg: str) -> None:
+        self.stats["warnings"] += 1
+        if len(self.warnings) < MAX_WARNINGS_KEPT:
+            self.warnings.append(msg)
+        self.reporter.log("warning", msg)
+
+    def _open(self, i: int):
+        layer: Layer = self.image.layers[i]
+        raw = layer.open()
+        if not isinstance(raw, VerifyingReader):
+            raw = VerifyingReader(raw, layer.digest, layer.descriptor.size, what=f"layer {layer.digest}")
+        return raw
+
+    # -- path resolution -------------------------------------------------------------------------
+    def _walk(self, parts: list[str], create: bool, cur: "_LayerState | None") -> tuple[Ino, list[str]] | None:
+        """Resolve directory components from the root, following symlinks inside the root.
+        With `create`, missing directories are made (0755 root) and non-directories replaced."""
+        chain: list[Ino] = [self.root]
+        names: list[str] = []
+        todo = list(reversed(parts))
+        hops = 0
+        while todo:
+            c = todo.pop()
+            if c in ("", "."):
+                continue
+            if c == "..":
+                if len(chain) > 1:
+                    chain.pop()
+                    names.pop()
+                continue
+            d = chain[-1]
+            child = d.children.get(c)
+            if child is None:
+                if not create:
+                    return None
+                child = d.children[c] = _implied_dir()
+                if cur is not None:
+                    cur.implied.add("/".join(names + [c]))
+            elif child.type == SYMLINK:
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise UnsafeInput("too many levels of symbolic links in a parent path")
+                target = child.linkname
+                if target.startswith("/"):
+                    chain, names = [self.root], []
+                todo.extend(reversed(target.split("/")))
+                continue
+            elif child.type != DIR:
+                if not create:
+                    return None
+                if cur is not None:
+                    self._warn(f"{cur.what}: {'/'.join(names + [c])!r} ({child.type}) is the parent of "
+                               f"an entry; replaced by a directory")
+                child = d.children[c] = _implied_dir()
+                if cur is not None:
+                    cur.implied.add("/".join(names + [c]))
+            chain.append(child)
+            names.append(c)
+        return chain[-1], names
+
+    # -- index pass ------------------------------------------------------------------------------
+    def index(self) -> None:
+        if self._indexed:
+            return
+        t0 = time.monotonic()
+        layers = self.image.layers
+        diff_ids = self.image.config.diff_ids if self.image.config else []
+        if diff_ids and len(diff_ids) != len(layers):
+            raise CorruptInput(f"image config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
+        task = self.reporter.task("flatten: index layers", total=sum(l.descriptor.size for l in layers) or None)
+        for i in range(len(layers)):
+            self._index_layer(i, diff_ids[i] if diff_ids else None, task)
+        task.done()
+        self._indexed = True
+        detail = f"{len(layers)} layer(s): blob digests verified"
+        detail += ", diff_ids verified" if diff_ids else ", no diff_ids in the config"
+        self.checks.add(STAGE, "layer digests", PASS, detail, time.monotonic() - t0)
+
+    def _index_layer(self, i: int, diff_id: str | None, task) -> None:
+        what = self._what(i)
+        raw = self._open(i)
+        cnt = None
+        try:
+            dec = open_decompressed(_Progress(raw, task), what)
+            cnt = _Counting(dec, hasher_for(diff_id) if diff_id else None, self.max_expanded,
+                            self.stats["expanded_bytes"], what)
+            tf = tarfile.open(fileobj=cnt, mode="r|", bufsize=CHUNK, encoding="utf-8", errors="surrogateescape")
+            st = _LayerState(i, what)
+            ordinal = -1
+            name = ""
+            while True:
+                try:
+                    ti = tf.next()
+                except tarfile.TarError as e:
+                    after = f" after entry {name!r}" if name else ""
+                    raise CorruptInput(f"{what}: bad tar data{after}: {e}") from None
+                if ti is None:
+                    break
+                tf.members.clear()           # stream mode keeps every TarInfo otherwise
+                ordinal += 1
+                name = ti.name
+                try:
+                    self._apply(st, ti, ordinal)
+                except HpcconvError as e:
+                    raise type(e)(f"{what} entry {name!r}: {e.message}", hint=e.hint) from None
+            self.stats["members"] += ordinal + 1
+            # Read to the end so the blob digest and the diff_id cover every byte.
+            while cnt.read(CHUNK):
+                pass
+            while raw.read(CHUNK):
+                pass
+        except CorruptInput:
+            raise
+        except (OSError, EOFError, ValueError) as e:
+            raise CorruptInput(f"{what}: cannot read layer: {e}") from None
+        finally:
+            try:
+                raw.close()
+            except Exception:
+                pass
+        if not raw.verified:
+            raise CorruptInput(f"{what}: blob was not fully verified")
+        self.stats["expanded_bytes"] += cnt.n
+        if diff_id:
+            got = f"{diff_id.split(':', 1)[0]}:{cnt.h.hexdigest()}"
+            if got != diff_id:
+                raise CorruptInput(f"{what}: uncompressed content {got} does not match diff_id {diff_id}")
+
+    def _apply(self, st: "_LayerState", ti: tarfile.TarInfo, ordinal: int) -> None:
+        kind = entry_type_of(ti)
+        parts = clean_name(ti.name)
+        if not parts:
+            return                                   # the root itself: Docker ignores its attributes
+        leaf = parts[-1]
+        if parts[0] == WH_PLNK or leaf.startswith(WH_META):
+            if leaf == WH_OPAQUE:
+                self._opaque(st, parts[:-1])
+            else:
+                st.aufs += 1
+            return
+        if leaf.startswith(WH):
+            if leaf == WH:
+                self._warn(f"{st.what}: bare whiteout {ti.name!r} ignored")
+                return
+            self._whiteout(st, parts[:-1], leaf[len(WH):])
+            return
+        if kind is None:
+            self._warn(f"{st.what}: entry {ti.name!r} of unsupported tar type {ti.type!r} skipped")
+            return
+        got = self._walk(parts[:-1], True, st)
+        assert got is not None
+        d, names = got
+        key = "/".join(names + [leaf])
+        existing = d.children.get(leaf)
+        xattrs = _xattrs_of(ti)
+        if kind == DIR:
+            if existing is not None and existing.type == DIR:
+                existing.mode, existing.uid, existing.gid, existing.mtime = ti.mode & 0o7777, ti.uid, ti.gid, ti.mtime
+                existing.xattrs = xattrs
+            else:
+                d.children[leaf] = Ino(DIR, ti.mode & 0o7777, ti.uid, ti.gid, ti.mtime, xattrs=xattrs)
+        elif kind == HARDLINK:
+            self.stats["hardlinks"] += 1
+            target = self._link_target(ti.linkname)
+            if target is None:
+                self._warn(f"{st.what}: hardlink {ti.name!r} -> {ti.linkname!r}: target missing; "
+                           f"made an empty file")
+                d.children[leaf] = Ino(FILE, ti.mode & 0o7777, ti.uid, ti.gid, ti.mtime, xattrs=xattrs)
+            elif target.type == DIR:
+                raise CorruptInput(f"hardlink to the directory {ti.linkname!r}")
+            else:
+                target.uid, target.gid = ti.uid, ti.gid
+                if target.type != SYMLINK:
+                    target.mode, target.mtime = ti.mode & 0o7777, ti.mtime
+                target.xattrs.update(xattrs)
+                d.children[leaf] = target
+        else:
+            size = ti.size if kind == FILE else 0
+            mode = 0o777 if kind == SYMLINK else ti.mode & 0o7777      # what lstat shows on Linux
+            d.children[leaf] = Ino(kind, mode, ti.uid, ti.gid, ti.mtime,
+                                   linkname=ti.linkname if kind == SYMLINK else "",
+                                   major=ti.devmajor, minor=ti.devminor, xattrs=xattrs, size=size,
+                                   src=(st.index, ordinal) if size else None)
+        st.mark(key, names)
+
+    def _link_target(self, linkname: str) -> Ino | None:
+        parts = clean_name(linkname)
+        if not parts:
+            return self.root
+        got = self._walk(parts[:-1], False, None)
+        if got is None:
+            return None
+        return got[0].children.get(parts[-1])
+
+    def _whiteout(self, st: "_LayerState", dparts: list[str], name: str) -> None:
+        self.stats["whiteouts"] += 1
+        got = self._walk(dparts, True, st)
+        assert got is not None
+        d, names = got
+        key = "/".join(names + [name])
+        if key in st.unpacked or key in st.ancestors:
+            self._warn(f"{st.what}: whiteout of {key!r} which the same layer creates; whiteouts apply to "
+                       f"lower layers only, kept it")
+            return
+        d.children.pop(name, None)
+
+    def _opaque(self, st: "_LayerState", dparts: list[str]) -> None:
+        got = self._walk(dparts, True, st)
+        assert got is not None
+        d, names = got
+        key = "/".join(names)
+        if key in st.opaque_done:
+            return
+        st.opaque_done.add(key)
+        self.stats["opaque"] += 1
+        self._prune(st, d, key)
+
+    def _prune(self, st: "_LayerState", d: Ino, key: str) -> None:
+        """Remove every lower-layer descendant of `d`; keep what this layer wrote."""
+        for name, child in list(d.children.items()):
+            ck = f"{key}/{name}" if key else name
+            if ck in st.unpacked:
+                if child.type == DIR:
+                    self._prune(st, child, ck)
+            elif ck in st.ancestors and child.type == DIR:
+                # A lower directory this layer only wrote into: it is hidden too, so what remains
+                # is an implied directory holding this layer's entries.
+                child.mode, child.uid, child.gid, child.mtime, child.xattrs = 0o755, 0, 0, 0, {}
+                self._prune(st, child, ck)
+            else:
+                del d.children[name]
+
+    # -- emit pass -------------------------------------------------------------------------------
+    def entries(self) -> Iterator[Entry]:
+        self.index()
+        t0 = time.monotonic()
+        by_type: dict[str, int] = {}
+        n_wh = 0
+        first: dict[int, str] = {}                       # id(ino) -> first path yielded / to yield
+        pending: dict[int, list[str]] = {}              # content inodes: paths in walk order
+        needed: dict[int, dict[int, Ino]] = {}          # layer -> ordinal -> inode
+
+        def count(e: Entry) -> Entry:
+            by_type[e.type] = by_type.get(e.type, 0) + 1
+            return e
+
+        stack: list[tuple[str, Ino]] = [("", self.root)]
+        while stack:
+            prefix, d = stack.pop()
+            subdirs = []
+            for name in sorted(d.children):
+                ino = d.children[name]
+                path = f"{prefix}/{name}" if prefix else name
+                if name.startswith(WH):
+                    n_wh += 1
+                if ino.type == DIR:
+                    yield count(self._entry(path, ino))
+                    subdirs.append((path, ino))
+                elif ino.src is not None:
+                    paths = pending.get(id(ino))
+                    if paths is None:
+                        pending[id(ino)] = [path]
+                        needed.setdefault(ino.src[0], {})[ino.src[1]] = ino
+                    else:
+                        paths.append(path)
+                else:
+                    k = id(ino)
+                    if k in first:
+                        yield count(self._entry(path, ino, link=first[k]))
+                    else:
+                        first[k] = path
+                        yield count(self._entry(path, ino))
+            stack.extend(reversed(subdirs))
+        for i in sorted(needed):
+            for e in self._stream_layer(i, needed[i], pending):
+                yield count(e)
+        self.stats["by_type"] = by_type
+        self.stats["entries"] = sum(by_type.values())
+        self._final_checks(n_wh, time.monotonic() - t0)
+
+    def _entry(self, path: str, ino: Ino, link: str | None = None, reader=None) -> Entry:
+        if link is not None:
+            return Entry(path, HARDLINK, ino.mode, ino.uid, ino.gid, ino.mtime, 0, link, xattrs=dict(ino.xattrs))
+        return Entry(path, ino.type, ino.mode, ino.uid, ino.gid, ino.mtime, ino.size if ino.type == FILE else 0,
+                     ino.linkname, ino.major, ino.minor, dict(ino.xattrs),
+                     reader=(reader if reader is not None else io.BytesIO(b"")) if ino.type == FILE else None)
+
+    def _stream_layer(self, i: int, want: dict[int, Ino], pending: dict[int, list[str]]) -> Iterator[Entry]:
+        what = self._what(i)
+        self.stats["layers_reread"] += 1
+        raw = self._open(i)
+        try:
+            tf = tarfile.open(fileobj=open_decompressed(raw, what), mode="r|", bufsize=CHUNK,
+                              encoding="utf-8", errors="surrogateescape")
+            ordinal = -1
+            left = len(want)
+            while left:
+                try:
+                    ti = tf.next()
+                except tarfile.TarError as e:
+                    raise CorruptInput(f"{what}: bad tar data on second read: {e}") from None
+                if ti is None:
+                    raise CorruptInput(f"{what}: layer ended early on second read")
+                tf.members.clear()
+                ordinal += 1
+                ino = want.get(ordinal)
+                if ino is None:
+                    continue
+                if entry_type_of(ti) != FILE or ti.size != ino.size:
+                    raise CorruptInput(f"{what} entry {ti.name!r}: layer changed between reads")
+                left -= 1
+                paths = pending[id(ino)]
+                self.stats["content_bytes"] += ino.size
+                yield self._entry(paths[0], ino, reader=tf.extractfile(ti))
+                for p in paths[1:]:
+                    yield self._entry(p, ino, link=paths[0])
+        except (OSError, EOFError, ValueError) as e:
+            raise CorruptInput(f"{what}: cannot read layer: {e}") from None
+        finally:
+            try:
+                raw.close()
+            except Exception:
+                pass
+
+    def _final_checks(self, n_wh: int, duration: float) -> None:
+        s = self.stats
+        self.checks.add(STAGE, "whiteouts", FAIL if n_wh else PASS,
+                        f"{s['whiteouts']} whiteout(s) and {s['opaque']} opaque dir(s) applied; "
+                        f"{n_wh} whiteout name(s) left in the output")
+        self.checks.add(STAGE, "paths inside root", PASS, "every entry is relative to the root, no '..'")
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(s["by_type"].items()))
+        self.checks.add(STAGE, "entries", PASS,
+                        f"{s['entries']} entries ({kinds}) from {s['members']} layer members; "
+                        f"{s['layers_reread']} of {s['layers']} layer(s) re-read for content", duration)
+        if s["warnings"]:
+            more = f" (+{s['warnings'] - len(self.warnings)} more)" if s["warnings"] > len(self.warnings) else ""
+            self.checks.add(STAGE, "repairs", WARN, "; ".join(self.warnings[:5]) + more)
+
+
+class _LayerState:
+    """Per-layer bookkeeping: paths this layer wrote, their ancestors, implied dirs, opaque dirs."""
+
+    __slots__ = ("index", "what", "unpacked", "ancestors", "implied", "opaque_done", "aufs")
+
+    def __init__(self, index: int, what: str):
+        self.index, self.what = index, what
+        self.unpacked: set[str] = set()
+        self.ancestors: set[str] = set()
+        self.implied: set[str] = set()
+        self.opaque_done: set[str] = set()
+        self.aufs = 0
+
+    def mark(self, key: str, names: list[str]) -> None:
+        self.unpacked.add(key)
+        for j in range(len(names), 0, -1):
+            a = "/".join(names[:j])
+            if a in self.ancestors:
+                break
+            self.ancestors.add(a)

@@ -1,0 +1,149 @@
+"""HTTP plumbing for the registry client: TLS trust, proxies, retries with backoff.
+
+* `trust_env` is off on the session so that requests never re-applies `~/.netrc` credentials to a
+  redirect target; proxies are still taken from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` per request
+  with requests' own `get_environ_proxies` (so loopback is proxied unless NO_PROXY says otherwise,
+  exactly as plain requests would do).
+* Trust: `REQUESTS_CA_BUNDLE`, else `SSL_CERT_FILE`, else certifi is the base bundle; `--ca-cert`
+  adds to it (a combined bundle is written to a private temp file).
+* Retries: 429/500/502/503/504 and connection errors, exponential backoff with jitter, honouring
+  `Retry-After` (seconds or an HTTP date), bounded attempts. TLS errors are not retried.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import tempfile
+import time
+import warnings
+from typing import Callable
+
+import requests
+from requests.utils import get_environ_proxies
+
+from ..errors import NetworkError
+
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+TIMEOUT = (float(os.environ.get("HPCCONV_CONNECT_TIMEOUT", "30")), float(os.environ.get("HPCCONV_READ_TIMEOUT", "120")))
+MAX_ATTEMPTS = int(os.environ.get("HPCCONV_HTTP_ATTEMPTS", "5"))
+BACKOFF_BASE = float(os.environ.get("HPCCONV_BACKOFF_BASE", "0.5"))
+BACKOFF_CAP = 30.0
+RETRY_AFTER_CAP = 120.0
+USER_AGENT = "hpcconv/0.1 (+python-requests)"
+
+
+def base_bundle() -> str:
+    for var in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        if os.environ.get(var) and os.path.isfile(os.environ[var]):
+            return os.environ[var]
+    import certifi
+
+    return certifi.where()
+
+
+class Trust:
+    """The `verify=` value for requests: a CA bundle path (base + extra CA) or False when insecure."""
+
+    def __init__(self, ca_cert: str | None):
+        self._tmp: str | None = None
+        base = base_bundle()
+        if not ca_cert:
+            self.bundle = base
+            return
+        try:
+            extra = open(ca_cert, "rb").read()
+            basedata = open(base, "rb").read()
+        except OSError as e:
+            raise NetworkError(f"cannot read CA bundle {ca_cert}: {e.strerror or e}") from None
+        fd, self._tmp = tempfile.mkstemp(prefix="hpcconv-ca-", suffix=".pem")
+        with os.fdopen(fd, "wb") as f:
+            f.write(basedata + b"\n" + extra + b"\n")
+        self.bundle = self._tmp
+
+    def close(self) -> None:
+        if self._tmp:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), capped."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, min(when.timestamp() - time.time(), RETRY_AFTER_CAP))
+
+
+def backoff(attempt: int) -> float:
+    base = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** attempt))
+    return base / 2 + random.uniform(0, base / 2)
+
+
+def new_session() -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    s.headers["User-Agent"] = USER_AGENT
+    return s
+
+
+def send(session: requests.Session, method: str, url: str, *, headers: dict, verify, stream: bool = False,
+         data=None, cancelled: Callable[[], bool] | None = None,
+         sleep: Callable[[float], None] = time.sleep) -> requests.Response:
+    """One logical request: retried on connection errors and 429/5xx, never following redirects.
+
+    Returns the last response (possibly still an error status after the last attempt)."""
+    last_error = ""
+    for attempt in range(MAX_ATTEMPTS):
+        if cancelled and cancelled():
+            raise NetworkError("download cancelled")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # InsecureRequestWarning when the user chose --insecure
+                r = session.request(method, url, headers=headers, verify=verify, stream=stream, data=data,
+                                    allow_redirects=False, timeout=TIMEOUT, proxies=get_environ_proxies(url))
+        except requests.exceptions.SSLError:
+            raise
+        except (requests.ConnectionError, requests.Timeout) as e:
+            last_error = _reason(e)
+            if attempt + 1 < MAX_ATTEMPTS:
+                sleep(backoff(attempt))
+                continue
+            raise NetworkError(f"cannot reach {_origin(url)}: {last_error}",
+                               hint="check the registry address, your network and HTTPS_PROXY/NO_PROXY") from None
+        if r.status_code in RETRY_STATUS and attempt + 1 < MAX_ATTEMPTS:
+            wait = retry_after(r.headers.get("Retry-After"))
+            r.close()
+            sleep(wait if wait is not None else backoff(attempt))
+            continue
+        return r
+    raise AssertionError("unreachable")
+
+
+def _origin(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    p = urlsplit(url)
+    return f"{p.scheme}://{p.netloc}"
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    for marker in ("Connection refused", "Name or service not known", "timed out", "Temporary failure",
+                   "No route to host", "Connection reset", "RemoteDisconnected", "Network is unreachable"):
+        if marker in text:
+            return marker.lower() if marker != "RemoteDisconnected" else "connection closed by the server"
+    return text.splitlines()[0][:200] if text else type(e).__name__
+

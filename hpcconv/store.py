@@ -118,6 +118,7 @@ class BlobWriter:
         self._f.truncate()
         self._h = hasher_for(self.digest)
         self.offset = 0
+        self.written = 0
 
     def write(self, data: bytes) -> None:
         assert self._f is not None

@@ -1,0 +1,271 @@
+"""Flattener unit tests without the Docker engine: hostile and corrupt input, cases Docker refuses
+(where we follow the layer spec), the entry-stream contract and the streaming properties."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import pytest
+
+from flattools import flatten_tree, image_from_built
+from hpcconv.entries import FILE
+from hpcconv.errors import CorruptInput, UnsafeInput
+from hpcconv.flatten import Flattener
+from ocitools import T, build_image, make_tar, sha256
+
+
+def flat(layers, **kw):
+    img = build_image([l if isinstance(l, bytes) else make_tar(l) for l in layers], **kw)
+    return flatten_tree(image_from_built(img))
+
+
+def h(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- hostile input -----------------------------------------------------------------------------------
+def test_dotdot_escaping_root_is_unsafe():
+    # Docker clamps `../../evil` to `/evil` (its applier is chrooted); we refuse it, naming layer and entry
+    with pytest.raises(UnsafeInput) as ei:
+        flat([[T("ok", data=b"1")], [T("a/../../evil", data=b"x")]])
+    msg = str(ei.value)
+    assert "layer 2/2 (sha256:" in msg and "'a/../../evil'" in msg and "\n" not in msg
+    assert ei.value.exit_code == 4
+
+
+def test_dotdot_inside_root_is_cleaned():
+    tree, _ = flat([[T("a/b/../c", data=b"c")]])
+    assert set(tree) == {"a", "a/c"}
+
+
+def test_hardlink_outside_root_is_unsafe():
+    with pytest.raises(UnsafeInput, match=r"layer 1/1 .*entry 'h'"):
+        flat([[T("a", data=b"A"), T("h", "hard", link="../../etc/shadow")]])
+
+
+def test_absolute_names_and_link_targets_are_made_relative():
+    tree, _ = flat([[T("/abs/f", data=b"f"), T("/abs/h", "hard", link="/abs/f")]])
+    assert tree["abs/h"].group == {"abs/f", "abs/h"}
+
+
+def test_symlinked_parent_cannot_escape_root():
+    # layer 1 plants esc -> ../../../../tmp; layer 2 writes through it: resolved inside the root
+    tree, _ = flat([[T("esc", "sym", link="../../../../tmp")], [T("esc/x", data=b"x")]])
+    assert tree["tmp/x"].sha == h(b"x") and tree["esc"].type == "symlink"
+
+
+def test_symlink_loop_in_parent_is_refused():
+    with pytest.raises(UnsafeInput, match="symbolic links"):
+        flat([[T("a", "sym", link="b"), T("b", "sym", link="a")], [T("a/x", data=b"x")]])
+
+
+def test_hardlink_to_directory_is_corrupt():
+    with pytest.raises(CorruptInput, match="directory"):
+        flat([[T("d", "dir"), T("h", "hard", link="d")]])
+
+
+# -- corrupt input -----------------------------------------------------------------------------------
+def test_corrupted_blob_digest_mismatch():
+    img = build_image([make_tar([T("a", data=b"a" * 1000)])])
+    d = json.loads(img.manifest)["layers"][0]["digest"]
+    blob = bytearray(img.blobs[d])
+    blob[-9] ^= 0xFF                   # gzip CRC/ISIZE trailer area: decompresses, digest differs
+    img.blobs[d] = bytes(blob)
+    with pytest.raises(CorruptInput) as ei:
+        flat_img(img)
+    assert d in str(ei.value) or d[:19] in str(ei.value)
+
+
+def test_truncated_blob():
+    img = build_image([make_tar([T("a", data=bytes(range(256)) * 400)])])
+    d = json.loads(img.manifest)["layers"][0]["digest"]
+    img.blobs[d] = img.blobs[d][: len(img.blobs[d]) // 2]
+    with pytest.raises(CorruptInput):
+        flat_img(img)
+
+
+def test_diff_id_mismatch():
+    img = build_image([make_tar([T("a", data=b"a")]), make_tar([T("b", data=b"b")])])
+    cfg = json.loads(img.config)
+    cfg["rootfs"]["diff_ids"][1] = sha256(b"something else")
+    img.config = json.dumps(cfg).encode()
+    with pytest.raises(CorruptInput, match=r"layer 2/2 .*diff_id"):
+        flat_img(img)
+
+
+def test_diff_id_count_mismatch():
+    img = build_image([make_tar([T("a", data=b"a")])])
+    cfg = json.loads(img.config)
+    cfg["rootfs"]["diff_ids"].append(sha256(b"x"))
+    img.config = json.dumps(cfg).encode()
+    with pytest.raises(CorruptInput, match="diff_ids"):
+        flat_img(img)
+
+
+def test_garbage_layer_is_corrupt():
+    img = build_image([make_tar([T("a", data=b"a")])], compression="none")
+    d = json.loads(img.manifest)["layers"][0]["digest"]
+    img.blobs[d] = b"\x1f\x8b" + b"not gzip at all" * 10
+    man = json.loads(img.manifest)
+    man["layers"][0].update(digest=sha256(img.blobs[d]), size=len(img.blobs[d]))
+    img.blobs[sha256(img.blobs[d])] = img.blobs[d]
+    img.manifest = json.dumps(man).encode()
+    with pytest.raises(CorruptInput, match="layer 1/1"):
+        flat_img(img)
+
+
+def test_decompression_bomb_cap():
+    layer = make_tar([T("zeros", data=bytes(4 << 20))])
+    img = build_image([layer])
+    assert len(img.blobs[json.loads(img.manifest)["layers"][0]["digest"]]) < 100_000
+    with pytest.raises(CorruptInput, match="decompression bomb"):
+        Flattener(image_from_built(img), max_expanded=1 << 20).index()
+    Flattener(image_from_built(img), max_expanded=8 << 20).index()
+
+
+def flat_img(img, **kw):
+    return flatten_tree(image_from_built(img), **kw)
+
+
+# -- spec cases Docker (20.10, overlay2) refuses -----------------------------------------------------
+def test_cross_layer_hardlink_follows_spec():
+    # `docker load` fails: "link /a /b: no such file or directory" (overlay2 extracts each layer into
+    # an empty diff dir). The spec allows cross-layer hardlinks; we share the lower inode.
+    tree, _ = flat([[T("a", data=b"lower", uid=3)], [T("b", "hard", link="a", uid=9)], [T(".wh.a")]])
+    assert "a" not in tree and tree["b"].sha == h(b"lower") and tree["b"].uid == 9
+
+
+def test_cross_layer_hardlink_then_target_overwritten():
+    tree, _ = flat([[T("a", data=b"old")], [T("b", "hard", link="a")], [T("a", data=b"new")]])
+    assert tree["b"].sha == h(b"old") and tree["a"].sha == h(b"new")
+    assert tree["a"].group == {"a"} and tree["b"].group == {"b"}
+
+
+def test_whiteout_after_same_layer_entry_is_kept_with_warning():
+    # Docker refuses the layer ("failed to mknod ... file exists"); the spec says whiteouts apply
+    # to lower layers only, so the same-layer file stays and we warn.
+    tree, f = flat([[T("x", data=b"lower")], [T("x", data=b"upper"), T(".wh.x")]])
+    assert tree["x"].sha == h(b"upper")
+    assert any(c.status == "warn" and c.name == "repairs" for c in f.checks.items)
+
+
+def test_hardlink_missing_target_warns_and_makes_empty_file():
+    tree, f = flat([[T("h", "hard", link="nowhere", mode=0o600)]])
+    assert tree["h"].type == FILE and tree["h"].sha == h(b"") and tree["h"].mode == 0o600
+    assert f.stats["warnings"] == 1 and "nowhere" in f.warnings[0]
+
+
+def test_aufs_metadata_is_ignored():
+    # Docker's overlay2 Unpack turns `.wh..wh.plnk` into a whiteout of `.wh.plnk` and keeps the
+    # plnk directory's files; we drop AUFS metadata entirely and never read `.wh..wh.plnk` as a
+    # whiteout of `plnk` (moby/go-archive #54, container-inspector #39).
+    tree, f = flat([[T("plnk", data=b"p"), T("aufs", data=b"a")],
+                    [T(".wh..wh.plnk", "dir"), T(".wh..wh.plnk/123", data=b"q"), T(".wh..wh.aufs")]])
+    assert set(tree) == {"plnk", "aufs"}
+    assert f.stats["whiteouts"] == 0
+
+
+def test_whiteout_as_hardlink_still_whites_out():
+    # cmssw/el9: a whiteout stored as a hardlink to another file (smolvm #401, cvmfs #4286)
+    tree, _ = flat([[T("tmp/key", data=b"k"), T("tmp/CERN.repo", data=b"r")],
+                    [T("tmp/.wh.key", "hard", link="tmp/CERN.repo")]])
+    assert set(tree) == {"tmp", "tmp/CERN.repo"}
+
+
+def test_no_whiteout_names_left_and_checks():
+    tree, f = flat([[T("d/a", data=b"a"), T("d/b", data=b"b")], [T("d/.wh.a"), T("e/.wh..wh..opq")]])
+    assert not any(p.rsplit("/", 1)[-1].startswith(".wh.") for p in tree)
+    names = {c.name: c.status for c in f.checks.items}
+    assert names["whiteouts"] == "pass" and names["layer digests"] == "pass" and names["entries"] == "pass"
+    assert f.stats["whiteouts"] == 1 and f.stats["opaque"] == 1
+
+
+def test_opaque_with_implied_subdir_hides_lower_content():
+    # marker after a same-layer file in a subdir whose dir entry the layer omits
+    tree, _ = flat([[T("d/sub/old", data=b"o"), T("d/top", data=b"t")],
+                    [T("d/sub/new", data=b"n"), T("d/.wh..wh..opq")]])
+    assert set(tree) == {"d", "d/sub", "d/sub/new"}
+
+
+def test_user_xattrs_kept():
+    # docker export drops user.* xattrs (moby 20.10 writes only security.capability), so this is
+    # checked here rather than against Docker
+    tree, _ = flat([[T("f", data=b"x", pax={"SCHILY.xattr.user.a": "1", "SCHILY.xattr.trusted.b": "\x00\udcff"}),
+                     T("d", "dir", pax={"SCHILY.xattr.user.d": "dir"})]])
+    assert tree["f"].xattrs == {"user.a": b"1", "trusted.b": b"\x00\xff"}
+    assert tree["d"].xattrs == {"user.d": b"dir"}
+
+
+def test_non_utf8_name_round_trips_bytes():
+    import os
+
+    tree, _ = flat([[T("caf\udce9", data=b"x")]])
+    assert [os.fsencode(p) for p in tree] == [b"caf\xe9"]
+
+
+def test_parent_that_is_a_file_becomes_a_directory():
+    tree, f = flat([[T("p", data=b"file")], [T("p/child", data=b"c")]])
+    assert tree["p"].type == "dir" and tree["p/child"].sha == h(b"c")
+    assert f.stats["warnings"] == 1
+
+
+# -- streaming properties ----------------------------------------------------------------------------
+def test_layers_without_needed_content_are_not_reread():
+    opens = []
+
+    def wrap(op, i):
+        def counted():
+            opens.append(i)
+            return op()
+        return counted
+
+    img = build_image([make_tar([T("a", data=b"a" * 100), T("b", data=b"b")]),
+                       make_tar([T("a", data=b"A"), T("b", data=b"B")]),
+                       make_tar([T("d", "dir"), T("empty", data=b""), T("s", "sym", link="a")])])
+    f = Flattener(image_from_built(img, opener_wrap=wrap))
+    out = {e.path: (e.reader.read() if e.type == FILE else None) for e in f.entries()}
+    assert out["a"] == b"A" and out["b"] == b"B" and out["empty"] == b""
+    assert opens == [0, 1, 2, 1]
+    assert f.stats["layers_reread"] == 1
+
+
+def test_consumer_may_skip_content():
+    img = build_image([make_tar([T(f"f{i}", data=bytes([i]) * (1000 + i)) for i in range(20)])])
+    f = Flattener(image_from_built(img))
+    got = {}
+    for e in f.entries():
+        if e.path in ("f3", "f17"):
+            got[e.path] = e.reader.read()
+    assert got == {"f3": b"\x03" * 1003, "f17": b"\x11" * 1017}
+
+
+def test_gzip_multimember_and_zstd_multiframe_layers():
+    import zstandard
+
+    tar = make_tar([T("a", data=b"x" * 50_000), T("b", data=b"y" * 50_000)])
+    half = len(tar) // 2
+    gz = gzip.compress(tar[:half]) + gzip.compress(tar[half:])
+    c = zstandard.ZstdCompressor()
+    zs = c.compress(tar[:half]) + c.compress(tar[half:])
+    for blob in (gz, zs):
+        img = build_image([tar], compression="none")
+        man = json.loads(img.manifest)
+        man["layers"][0].update(digest=sha256(blob), size=len(blob))
+        img.blobs[sha256(blob)] = blob
+        img.manifest = json.dumps(man).encode()
+        tree, _ = flat_img(img)
+        assert tree["a"].sha == h(b"x" * 50_000) and tree["b"].sha == h(b"y" * 50_000)
+
+
+def test_hardlinks_yielded_after_their_file():
+    img = build_image([make_tar([T("z", data=b"content"), T("a", "hard", link="z"), T("m/n", "hard", link="z")])])
+    entries = [(e.path, e.type, e.linkname) for e in Flattener(image_from_built(img)).entries()]
+    files = [e for e in entries if e[1] == FILE]
+    assert len(files) == 1
+    first = files[0][0]
+    links = [e for e in entries if e[1] == "hardlink"]
+    assert sorted(p for p, _, _ in links) == sorted({"a", "z", "m/n"} - {first})
+    assert all(l == first for _, _, l in links)

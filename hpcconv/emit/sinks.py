@@ -172,13 +172,26 @@ def _compressor(fileobj: BinaryIO, compression: str | None, level: int | None):
     raise UsageError(f"unknown tar compression {compression!r}", hint="use gzip or zstd")
 
 
+def _abandon(w: TarWriter) -> None:
+    """Mark a failed tar writer closed so that it does not flush a trailer into a dead output later."""
+    tf = getattr(w, "_tf", None)
+    if tf is not None:
+        tf.closed = True
+        if getattr(tf, "fileobj", None) is not None:
+            tf.fileobj.closed = True
+
+
 def _write_tar_to(entries: Iterable[Entry], raw: BinaryIO, compression: str | None, level: int | None,
                   reporter: Reporter, what: str) -> int:
     task = reporter.task(what)
     counted = io.BufferedWriter(_CountingWriter(raw, task), CHUNK)
     z, finish = _compressor(counted, compression, level)
     w = TarWriter(z)
-    n = w.write_all(entries)
+    try:
+        n = w.write_all(entries)
+    except BaseException:
+        _abandon(w)
+        raise
     w.close()
     finish()
     counted.flush()

@@ -322,6 +322,8 @@ class Flattener:
         assert got is not None
         d, names = got
         key = "/".join(names + [leaf])
+        if key in st.unpacked:
+            self._warn(f"{st.what}: {key!r} appears twice in the layer; the later entry wins")
         existing = d.children.get(leaf)
         xattrs = _xattrs_of(ti)
         if kind == DIR:

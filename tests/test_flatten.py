@@ -152,6 +152,12 @@ def test_whiteout_after_same_layer_entry_is_kept_with_warning():
     assert any(c.status == "warn" and c.name == "repairs" for c in f.checks.items)
 
 
+def test_duplicate_entry_later_wins_with_warning():
+    # `docker load` refuses duplicates ("duplicates of file paths not supported"); the last one wins
+    tree, f = flat([[T("a", data=b"1"), T("a", data=b"2")]])
+    assert tree["a"].sha == h(b"2") and "twice" in f.warnings[0]
+
+
 def test_hardlink_missing_target_warns_and_makes_empty_file():
     tree, f = flat([[T("h", "hard", link="nowhere", mode=0o600)]])
     assert tree["h"].type == FILE and tree["h"].sha == h(b"") and tree["h"].mode == 0o600

@@ -72,6 +72,15 @@ CASES = {
          T("s2d", "dir"), T("s2d/y", data=b"y"), T("f2s", "sym", link="etc/passwd"),
          T("dir2dir", "dir", mode=0o751, uid=4, gid=5)],
     ],
+    "hardlink-to-symlink-metadata": [
+        # the link's header chowns the shared symlink inode; mode and mtime are not applied to it
+        BASE + [T("t", data=b"T", uid=1, mtime=5000), T("s", "sym", link="t", uid=3, mtime=1000),
+                T("h", "hard", link="s", uid=9, gid=4, mode=0o600, mtime=3000)],
+    ],
+    "opaque-and-whiteout-in-one-dir": [
+        BASE + [T("d", "dir"), T("d/a", data=b"a"), T("d/b", data=b"b")],
+        [T("d", "dir"), T("d/.wh..wh..opq"), T("d/.wh.b"), T("d/c", data=b"c")],
+    ],
     "hardlinks-within-layer": [
         BASE + [T("a", data=b"shared content", mode=0o640, uid=12, gid=34), T("b", "hard", link="a"),
                 T("c", "hard", link="b"), T("d", "dir"), T("d/e", "hard", link="/a"),
@@ -193,6 +202,15 @@ def test_symlinked_parent_is_followed(docker_engine):
         "'lib64': type ours='symlink' docker='dir'", "'lib64': link ours='/usr/lib' docker=''",
         "'lib64': mode ours='0o777' docker='0o755'",
         "'lib64/three': only in docker (file)", "'usr/lib/three': only in ours (file)"])
+
+
+def test_whiteout_then_same_layer_dir_keeps_lower_children_hidden(docker_engine):
+    # `.wh.y` then `y/` in one layer: the spec deletes the lower y, then creates a new, empty y.
+    # Docker on overlay2 turns `.wh.y` into a 0/0 char device, then replaces that device with a
+    # plain (non-opaque) directory, so overlay merges the lower y back in: y/old reappears.
+    layers = [BASE + [T("y", "dir"), T("y/old", data=b"o")], [T(".wh.y"), T("y", "dir"), T("y/new", data=b"n")]]
+    ours, theirs, _ = run_case(docker_engine, layers)
+    assert compare(ours, theirs) == ["'y/old': only in docker (file)"]
 
 
 def test_dockerfile_built_image_matches_docker(docker_engine, docker_busybox, tmp_path):

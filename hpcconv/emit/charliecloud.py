@@ -12,7 +12,8 @@ follows its "Implications for hpcconv" checklist:
 * Added when missing, checked against the stream itself (an existing path of any type, a symlink
   such as `/etc/resolv.conf -> ../run/...` included, is never replaced or followed):
   `/dev /proc /sys /tmp /home /mnt /mnt/0..9` (0755), empty `/etc/passwd /etc/group /etc/hosts
-  /etc/resolv.conf` (0644), and each config `Volumes` directory (ch-image mkdirs them).
+  /etc/resolv.conf` (0644), each config `Volumes` directory (ch-image mkdirs them) and the
+  `WorkingDir` (Docker creates a missing one when a container starts; `ch-run -c` needs it).
 * `/ch/metadata.json` exactly as ch-image 0.31 writes it (8 keys, `indent=2, sort_keys=True`, trailing
   newline; `arg` = ch-image's saved ARG defaults), `/ch/environment` (sorted `K=V` lines, unquoted,
   as ch-image), `/ch/environment0` (NUL-terminated `K=V`, for `ch-run --set-env0` ≥0.34, which keeps
@@ -181,8 +182,9 @@ class ChFixups:
         self.checks = checks
         self._changes: dict[str, _Change] = {}
         self.volumes = [p for p in (_norm_volume(v) for v in metadata(self.config)["volumes"]) if p]
+        self.workdir = _norm_volume(self.config.workdir) if self.config.workdir else None
         watched = set(MOUNT_DIRS) | set(CH_FILES) | {"ch", "etc"} | set(ETC_FILES)
-        for v in self.volumes:
+        for v in self.volumes + ([self.workdir] if self.workdir else []):
             watched.update(_ancestors(v))
         self._watched = watched
         self.seen: dict[str, str] = {}        # watched path -> entry type
@@ -242,7 +244,7 @@ class ChFixups:
     def _can_create(self, path: str, what: str, blocked: list[str]) -> bool:
         """True if `path` is missing and every ancestor is (or will be) a directory."""
         if path in self.seen:
-            if self.seen[path] != DIR and path in MOUNT_DIRS + self.volumes + ["etc", "ch"]:
+            if self.seen[path] != DIR and path in MOUNT_DIRS + self.volumes + ["etc", "ch", self.workdir]:
                 blocked.append(f"/{path} is a {self.seen[path]}, not a directory ({what})")
             return False
         for a in _ancestors(path)[:-1]:
@@ -278,6 +280,10 @@ class ChFixups:
             for a in _ancestors(v):
                 if self._can_create(a, "VOLUME", blocked):
                     yield self._dir(a, "added-volume-dir", "VOLUME directories created (as ch-image)")
+        if self.workdir:
+            for a in _ancestors(self.workdir):
+                if self._can_create(a, "WORKDIR", blocked):
+                    yield self._dir(a, "added-workdir", "missing WORKDIR created (docker run creates it too)")
         if self._can_create("ch", "metadata", blocked):
             self.seen["ch"] = DIR
             yield Entry("ch", DIR, 0o755, 0, 0, 0, uname="root", gname="root")

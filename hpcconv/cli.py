@@ -271,6 +271,11 @@ def convert(
         raise typer.Exit(1)
 
 
+from .profiles_cli import app as _profiles_app  # noqa: E402  (sub-app: hpcconv profiles list|show)
+
+app.add_typer(_profiles_app, name="profiles")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

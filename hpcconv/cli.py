@@ -58,6 +58,13 @@ class Format(str, Enum):
     dir = "dir"
     tar = "tar"
     squashfs = "squashfs"
+    sif = "sif"
+    sandbox = "sandbox"
+
+
+TARGET_FORMATS = {"charliecloud": ("squashfs", ("dir", "tar", "squashfs")),
+                  "singularity": ("sif", ("sif", "sandbox")),
+                  "shifter": ("squashfs", ("squashfs",))}
 
 
 class Compression(str, Enum):
@@ -224,7 +231,7 @@ def export(
 def convert(
     source: str = typer.Argument(..., help="Image to convert: docker://…, docker-daemon:…, docker-archive:…, oci:…"),
     target: Target = typer.Option(Target.charliecloud, "--target", "-t", help="Image format the site runs."),
-    fmt: Optional[Format] = typer.Option(None, "--format", help="charliecloud: dir, tar or squashfs (default squashfs)."),
+    fmt: Optional[Format] = typer.Option(None, "--format", help="charliecloud: dir, tar or squashfs (default squashfs); singularity: sif (default) or sandbox; shifter: squashfs."),
     output: Path = typer.Option(..., "-o", "--output", help="Output file or directory."),
     compression: Compression = typer.Option(Compression.gzip, "--compression", help="gzip (widest compatibility) or zstd (fast)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Architecture profile of the target site."),
@@ -241,8 +248,10 @@ def convert(
     from .flatten import Flattener
     from .sources import open_source
 
-    if target is not Target.charliecloud:
-        raise UsageError(f"target {target.value} is not implemented yet", hint="use --target charliecloud")
+    default_fmt, allowed = TARGET_FORMATS[target.value]
+    fmt_name = fmt.value if fmt else default_fmt
+    if fmt_name not in allowed:
+        raise UsageError(f"--format {fmt_name} is not a {target.value} format", hint=f"use {' or '.join(allowed)}")
     if profile:
         raise UsageError("architecture profiles are not implemented yet")
     rep = _reporter()
@@ -250,22 +259,32 @@ def convert(
         opts = _source_options(source, platform, insecure, ca_cert, store, username, password_stdin, rep)
         img = open_source(source, opts)
         flat = Flattener(img, reporter=rep)
-        from .emit import charliecloud
+        if target is Target.charliecloud:
+            from .emit import charliecloud as emitter
+        elif target is Target.singularity:
+            from .emit import singularity as emitter
+        else:
+            from .emit import shifter as emitter
 
-        res = charliecloud.emit(flat.entries(), img, output, fmt=(fmt or Format.squashfs).value,
-                                compression=compression.value, reporter=rep, force=force)
+        res = emitter.emit(flat.entries(), img, output, fmt=fmt_name, compression=compression.value,
+                           reporter=rep, force=force)
     checks = flat.checks
     checks.extend(res.checks)
     result = {"command": "convert", "source": source, "digest": img.digest, "platform": str(img.platform),
-              "target": target.value, "format": (fmt or Format.squashfs).value, "output": str(output),
+              "target": target.value, "format": fmt_name, "output": str(output),
               "checks": checks.to_json(), "changes": res.changes, "run": res.run_hint}
+    if target is Target.shifter:
+        result.update({"shifter_id": res.image_id, "files": [str(res.squashfs), str(res.meta)], "note": res.note})
     if report:
         report.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     _checks_table(checks)
     human = [f"wrote {output}"]
     if res.changes:
-        human.append(f"{sum(c.get('count', 1) for c in res.changes)} fix-ups for Charliecloud (see --json for the list)")
+        human.append(f"{sum(c.get('count', 1) for c in res.changes)} fix-ups for {target.value.capitalize()} "
+                     "(see --json for the list)")
     human.append(f"run it with: {res.run_hint}")
+    if target is Target.shifter:
+        human.append(res.note)
     _emit_result(result, human)
     if checks.failed:
         raise typer.Exit(1)

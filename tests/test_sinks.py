@@ -10,6 +10,7 @@ import io
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -315,3 +316,51 @@ def test_write_dir_hardlink_to_image_passwd_stays_inside(tmp_path):
     assert os.lstat(out / "pw").st_ino == os.lstat(out / "etc/passwd").st_ino
     assert os.lstat(out / "pw").st_ino != os.lstat("/etc/passwd").st_ino
     assert (out / "pw").read_bytes() == b"img"
+
+
+def _odd_entries():
+    bad = os.fsdecode(b"caf\xe9")          # not UTF-8: kept as the original bytes
+    long = "d" * 120
+    return [Entry("a", DIR, 0o755), Entry("a/" + bad, FILE, 0o644, size=2, reader=io.BytesIO(b"hi")),
+            Entry("a/" + long, DIR, 0o755),
+            Entry(f"a/{long}/" + "f" * 150, FILE, 0o644, size=1, reader=io.BytesIO(b"x")),
+            Entry("s", SYMLINK, 0o777, linkname="/" + "t" * 200), Entry("h", HARDLINK, linkname="a/" + bad),
+            Entry("sp ace\nnl", FILE, 0o644, size=0, reader=io.BytesIO(b""))]
+
+
+def test_odd_names_in_every_format(tmp_path):
+    """Non-UTF-8 bytes, >100-byte names and link targets, newlines: byte-exact in all outputs."""
+    need("tar2sqfs")
+    expected = {b"a", b"a/caf\xe9", b"a/" + b"d" * 120, b"a/" + b"d" * 120 + b"/" + b"f" * 150, b"s", b"h",
+                b"sp ace\nnl"}
+    write_tar(iter(_odd_entries()), tmp_path / "o.tar")
+    gnu = subprocess.run(["tar", "--quoting-style=literal", "-tf", str(tmp_path / "o.tar")],
+                         capture_output=True, check=True).stdout
+    # GNU tar prints one name per line; the newline name spans two
+    assert set(n.rstrip(b"/") for n in gnu.replace(b"sp ace\nnl", b"SPACE").split(b"\n") if n) == \
+        (expected - {b"sp ace\nnl"}) | {b"SPACE"}
+    write_squashfs(iter(_odd_entries()), tmp_path / "o.sqfs")
+    back = subprocess.run([need("sqfs2tar"), str(tmp_path / "o.sqfs")], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(back), encoding="utf-8", errors="surrogateescape") as tf:
+        names = {os.fsencode(ti.name.rstrip("/")) for ti in tf}
+        assert os.fsencode([ti for ti in tf if ti.name == "s"][0].linkname) == b"/" + b"t" * 200
+    assert names == expected
+    write_dir(iter(_odd_entries()), tmp_path / "d")
+    got = set()
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(tmp_path / "d")):
+        for n in dirnames + filenames:
+            got.add(os.path.relpath(os.path.join(dirpath, n), os.fsencode(tmp_path / "d")))
+    assert got == expected
+    assert (tmp_path / "d" / "h").read_bytes() == b"hi"
+
+
+def test_write_tar_to_stdout(tmp_path):
+    code = ("import io, sys; sys.path.insert(0, 'tests'); from ocitools import T, make_tar; "
+            "from hpcconv.entries import read_tar_entries; from hpcconv.emit.sinks import write_tar; "
+            f"n = write_tar(read_tar_entries(io.BytesIO(make_tar([T('x', data=b'abc')]))), None); "
+            "sys.stderr.write(str(n))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == b"1"
+    with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tf:
+        assert tf.extractfile("x").read() == b"abc"

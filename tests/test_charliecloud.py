@@ -285,6 +285,7 @@ BUSYBOX_CONFIG = {"Env": ["PATH=/bin:/usr/bin", "GREETING=hello from hpcconv", "
                   "WorkingDir": "/srv", "Entrypoint": ["/bin/echo"], "Cmd": ["cmd-from-image"]}
 
 
+@pytest.mark.chrun
 @pytest.mark.parametrize("fmt", ["dir", "tar", "squashfs"])
 def test_busybox_runs_under_ch_run(tmp_path, deb_cache, store_dir, fmt):
     need("ch-run")
@@ -313,6 +314,7 @@ def test_busybox_runs_under_ch_run(tmp_path, deb_cache, store_dir, fmt):
     assert res.run_hint.endswith(" -- /bin/echo cmd-from-image")
 
 
+@pytest.mark.chrun
 def test_run_hint_and_run_script_work(tmp_path, deb_cache, store_dir):
     """The printed ch-run line, executed as printed, runs the image's ENTRYPOINT+CMD in WORKDIR."""
     need("ch-run")
@@ -357,6 +359,8 @@ def test_squashfs_contents_with_independent_readers(tmp_path, deb_cache, store_d
     assert "squashfs-root/bin/sh -> busybox" in lls
 
 
+@pytest.mark.chrun
+@pytest.mark.qemu
 def test_arm64_image_runs_through_qemu(tmp_path, deb_cache, store_dir):
     need("ch-run")
     need("tar2sqfs")
@@ -377,6 +381,8 @@ def test_arm64_image_runs_through_qemu(tmp_path, deb_cache, store_dir):
         assert chrun(out, "/bin/uname", "-m").stdout.strip() == "aarch64"
 
 
+@pytest.mark.chrun
+@pytest.mark.docker
 def test_cli_convert_from_docker_daemon(docker_engine, docker_busybox, tmp_path, store_dir):
     """Dockerfile -> Docker engine -> hpcconv convert docker-daemon: -> ch-run, through the CLI."""
     need("ch-run")
@@ -410,3 +416,12 @@ def test_cli_convert_from_docker_daemon(docker_engine, docker_busybox, tmp_path,
         assert out.read_bytes()[:4] == b"hsqs"
     finally:
         docker_engine.run("rmi", "-f", tag, check=False)
+
+
+def test_tar_format_name_check(tmp_path):
+    res = emit_stream([T("bin", "dir")], tmp_path / "img.tar", fmt="tar")
+    assert {c.name: c.status for c in res.checks.items}["output name"] == WARN
+    res = emit_stream([T("bin", "dir")], tmp_path / "img.tar.gz", fmt="tar")
+    assert "output name" not in {c.name for c in res.checks.items}
+    with tarfile.open(tmp_path / "img.tar.gz", "r:gz") as tf:
+        assert "ch/metadata.json" in tf.getnames()

@@ -179,6 +179,7 @@ def _docker_save(engine, tmp_path: Path, *names: str) -> Path:
     return out
 
 
+@pytest.mark.docker
 def test_docker_archive_classic_round_trip(docker_engine, docker_busybox, busybox_amd64, tmp_path, store_dir):
     archive = _docker_save(docker_engine, tmp_path, docker_busybox)
     with tarfile.open(archive) as tf:       # the layout really is the classic one
@@ -207,6 +208,7 @@ def test_docker_archive_classic_round_trip(docker_engine, docker_busybox, busybo
     assert im2.digest == im.digest and blob.stat().st_ino == ino
 
 
+@pytest.mark.docker
 def test_docker_archive_gzipped_and_ref_selection(docker_engine, docker_busybox, busybox_amd64, tmp_path, store_dir):
     other = docker_engine.build(_ctx(tmp_path, f"FROM {docker_busybox}\nRUN echo two > /two\n"),
                                 f"hpcconv-test/two:{uuid.uuid4().hex[:6]}")
@@ -270,6 +272,7 @@ def test_docker_archive_layer_not_matching_diff_id(tmp_path, store_dir):
     assert "diff_id" in r.stderr
 
 
+@pytest.mark.docker
 def test_docker_archive_truncated(docker_engine, docker_busybox, tmp_path, store_dir):
     archive = _docker_save(docker_engine, tmp_path, docker_busybox)
     cut = tmp_path / "cut.tar"
@@ -359,6 +362,7 @@ def test_docker_archive_oci_hybrid_corrupt_blob_exit_4(tmp_path, store_dir):
                 if hashlib.sha256(p.read_bytes()).hexdigest() != p.name]
 
 
+@pytest.mark.docker
 def test_docker_archive_loads_into_docker_like_ours(docker_engine, tmp_path, store_dir):
     """The hybrid layout we mimic is accepted by the real engine's `docker load` too (20.10 reads
     manifest.json), so the test archive is not something only our reader understands."""
@@ -379,6 +383,7 @@ def _ctx(tmp_path: Path, dockerfile: str) -> Path:
     return d
 
 
+@pytest.mark.docker
 def test_docker_daemon_round_trip(docker_engine, docker_busybox, tmp_path, store_dir, monkeypatch):
     tag = f"hpcconv-test/daemon:{uuid.uuid4().hex[:6]}"
     docker_engine.build(_ctx(tmp_path, f"FROM {docker_busybox}\nENV GREETING=hi\nWORKDIR /work\n"
@@ -404,6 +409,7 @@ def test_docker_daemon_round_trip(docker_engine, docker_busybox, tmp_path, store
         docker_engine.run("rmi", "-f", tag, check=False)
 
 
+@pytest.mark.docker
 def test_docker_daemon_errors(docker_engine, store_dir, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", docker_engine.host)
     with pytest.raises(SourceError, match="not in the Docker engine"):

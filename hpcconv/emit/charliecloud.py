@@ -341,6 +341,11 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str = "sq
         raise UsageError(f"unknown Charliecloud format {fmt!r}", hint="use dir, tar or squashfs")
     sinks.check_output(out, force)
     checks = Checks()
+    if fmt == "tar":
+        want = (".tar.zst",) if compression == "zstd" else (".tar.gz", ".tgz")
+        if not out.name.endswith(want):
+            checks.add(STAGE, "output name", WARN, f"{out.name} does not end in {' or '.join(want)}; "
+                       "ch-convert infers the format from the name")
     environment_checks(image.config, checks)
     fix = ChFixups(image, checks)
     stream = fix.transform(entries)

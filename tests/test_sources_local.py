@@ -399,8 +399,15 @@ def test_docker_daemon_round_trip(docker_engine, docker_busybox, tmp_path, store
         with im.layers[-1].open() as f:
             with tarfile.open(fileobj=io.BytesIO(_read_all(f))) as tf:
                 assert tf.extractfile("work/out").read() == b"built\n"
-        # second time: served from the store (same manifest), still verified
-        im2 = open_source(f"docker-daemon:{tag}", _opts(store_dir))
+        # second time: served from the store (same manifest), without another `docker save`
+        import docker.api.client
+
+        def no_save(*a, **kw):
+            raise AssertionError("the image was saved again although the store has it")
+
+        with monkeypatch.context() as m:
+            m.setattr(docker.api.client.APIClient, "get_image", no_save)
+            im2 = open_source(f"docker-daemon:{tag}", _opts(store_dir))
         assert im2.digest == im.digest
         # same image through `docker save` + docker-archive gives the same manifest digest
         archive = _docker_save(docker_engine, tmp_path, tag)
@@ -420,3 +427,24 @@ def test_docker_daemon_errors(docker_engine, store_dir, monkeypatch):
     assert r.returncode == 3, r.stderr
     assert "cannot reach the Docker engine" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.docker
+def test_daemon_and_archive_stream_without_buffering(docker_engine, docker_busybox, tmp_path, store_dir):
+    """A 160 MB image goes through docker-daemon: and docker-archive: with a peak RSS far below its size."""
+    tag = f"hpcconv-test/big:{uuid.uuid4().hex[:6]}"
+    docker_engine.build(_ctx(tmp_path, f"FROM {docker_busybox}\nRUN head -c 160000000 /dev/urandom > /big\n"), tag)
+    try:
+        archive = _docker_save(docker_engine, tmp_path, tag)
+        code = ("import resource, sys; from hpcconv.sources import open_source, SourceOptions; "
+                "im = open_source(sys.argv[1], SourceOptions(store_path=sys.argv[2])); "
+                "print(len(im.layers), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+        for spec, store in ((f"docker-daemon:{tag}", store_dir / "a"), (f"docker-archive:{archive}", store_dir / "b")):
+            r = subprocess.run([sys.executable, "-c", code, spec, str(store)], capture_output=True, text=True,
+                               env={**os.environ, "DOCKER_HOST": docker_engine.host})
+            assert r.returncode == 0, r.stderr
+            layers, rss_mib = map(int, r.stdout.split())
+            assert layers == 2
+            assert rss_mib < 120, f"{spec}: peak RSS {rss_mib} MiB for a 160 MB image"
+    finally:
+        docker_engine.run("rmi", "-f", tag, check=False)

@@ -364,3 +364,38 @@ def test_write_tar_to_stdout(tmp_path):
     assert r.stderr == b"1"
     with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tf:
         assert tf.extractfile("x").read() == b"abc"
+
+
+def test_mksquashfs_fallback(tmp_path, monkeypatch):
+    """Without tar2sqfs, `mksquashfs - OUT -tar` builds the image (read back with sqfs2tar)."""
+    exe = need("mksquashfs")
+    if not sinks._mksquashfs_has_tar(exe):
+        pytest.skip("this mksquashfs has no -tar")
+    orig = sinks._which
+    monkeypatch.setattr(sinks, "_which", lambda tool: None if tool == "tar2sqfs" else orig(tool))
+    out = tmp_path / "fb.sqfs"
+    assert write_squashfs(stream(), out, compression="zstd") == len(MEMBERS)
+    back = subprocess.run([need("sqfs2tar"), str(out)], capture_output=True, check=True).stdout
+    assert tar_tree(back) == EXPECTED
+    info = subprocess.run([need("unsquashfs"), "-s", str(out)], capture_output=True, text=True, check=True).stdout
+    assert "Compression zstd" in info and "Block size 1048576" in info
+    monkeypatch.setattr(sinks, "_which", lambda tool: None)
+    with pytest.raises(OutputError, match="tar2sqfs"):
+        write_squashfs(stream(), tmp_path / "none.sqfs")
+    assert not (tmp_path / "none.sqfs").exists()
+    no_temps(tmp_path)
+
+
+def test_force_replaces_across_types_without_following(tmp_path, canary):
+    out = tmp_path / "out"
+    out.write_bytes(b"old file")
+    write_dir(stream(), out, force=True)                 # file -> dir
+    assert (out / "etc" / "passwd").is_file()
+    write_tar(stream(), out, force=True)                 # dir -> file
+    assert tar_tree(out.read_bytes()) == EXPECTED
+    link = tmp_path / "link"
+    link.symlink_to(canary)
+    write_dir(stream(), link, force=True)                # a symlink output is replaced, not followed
+    assert not link.is_symlink() and (link / "etc" / "passwd").is_file()
+    assert sorted(os.listdir(canary)) == ["precious"]
+    no_temps(tmp_path)

@@ -93,8 +93,10 @@ def _remove(path: Path) -> None:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished temporary into place, replacing an existing output (force was checked)."""
-    if os.path.lexists(out) and (out.is_dir() and not out.is_symlink()):
+    """Move a finished temporary into place, replacing an existing output (force was checked).
+    A file replaces a file atomically; anything involving a directory (or a symlink to one, which is
+    replaced, never followed) is moved aside first and removed after the new output is in place."""
+    if os.path.lexists(out) and (tmp.is_dir() or (out.is_dir() and not out.is_symlink())):
         aside = out.parent / f".{out.name}.hpcconv-old-{os.getpid()}"
         os.rename(out, aside)
         os.rename(tmp, out)
@@ -238,7 +240,8 @@ def squashfs_command(out: Path, compression: str, level: int | None, block_size:
     exe = _which("mksquashfs")
     if exe and _mksquashfs_has_tar(exe):
         cmd = [exe, "-", str(out), "-tar", "-noappend", "-no-progress", "-quiet", "-comp", compression,
-               "-b", str(block_size), "-processors", jobs, "-mkfs-time", "0"]
+               "-b", str(block_size), "-processors", jobs, "-mkfs-time", "0", "-root-time", "0",
+               "-root-mode", "755", "-root-uid", "0", "-root-gid", "0", "-exit-on-error"]
         if level is not None:
             cmd += ["-Xcompression-level", str(level)]
         return cmd

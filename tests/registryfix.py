@@ -317,11 +317,15 @@ def _storage_handler(server: StorageServer):
 class LoopbackProxy(_TLSServer):
     """TLS reverse proxy on 127.0.0.1 in front of a registry (passes Authorization through).
 
-    `redirect_blobs`: answer blob GETs with 307 to the storage server (another host)."""
+    With a `storage` server, blob GETs that carry Authorization are answered with a 307 to it (another
+    host). `fail_first[substring] = n` answers the first n matching requests with 503 + Retry-After;
+    `mutate(path, body) -> body` alters response bodies (to serve corrupt bytes on purpose)."""
 
     def __init__(self, certs: Certs, upstream: Registry, storage: StorageServer | None = None):
         self.upstream, self.storage, self.certs = upstream, storage, certs
         self.seen: list[Seen] = []
+        self.fail_first: dict[str, int] = {}
+        self.mutate = None
         super().__init__("127.0.0.1", certs, _proxy_handler)
 
     @property
@@ -341,6 +345,15 @@ def _proxy_handler(proxy: LoopbackProxy):
         def _forward(self, method: str):
             s = Seen(method, self.path, dict(self.headers.items()))
             proxy.seen.append(s)
+            for sub, n in list(proxy.fail_first.items()):
+                if sub in self.path and n > 0:
+                    proxy.fail_first[sub] = n - 1
+                    s.status = 503
+                    self.send_response(503)
+                    self.send_header("Retry-After", "1")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
             if (proxy.storage is not None and method == "GET" and "/blobs/" in self.path
                     and self.headers.get("Authorization")):
                 digest = self.path.rsplit("/", 1)[-1]
@@ -356,6 +369,8 @@ def _proxy_handler(proxy: LoopbackProxy):
                                  headers=headers, verify=str(proxy.certs.ca), allow_redirects=False,
                                  proxies={"http": "", "https": ""}, stream=True)
             body = r.raw.read(decode_content=False) if method != "HEAD" else b""
+            if proxy.mutate is not None and method == "GET" and r.status_code in (200, 206):
+                body = proxy.mutate(self.path, body)
             s.status = r.status_code
             self.send_response(r.status_code)
             for k, v in r.headers.items():

@@ -340,6 +340,10 @@ class RegistryClient:
                         self._fill(w, desc, task, cancelled)
                     w.commit()
                     return
+                except (_Cancelled, NetworkError, SourceError):
+                    if w.offset + w.written == 0:
+                        w.discard()            # nothing worth resuming: leave no empty partial file
+                    raise
                 except CorruptInput:
                     if not (resumed and attempt == 0):
                         raise

@@ -448,3 +448,26 @@ def test_daemon_and_archive_stream_without_buffering(docker_engine, docker_busyb
             assert rss_mib < 120, f"{spec}: peak RSS {rss_mib} MiB for a 160 MB image"
     finally:
         docker_engine.run("rmi", "-f", tag, check=False)
+
+
+def test_docker_archive_containerd_store_layout(tmp_path, store_dir):
+    """Docker with the containerd image store: index.json -> the full multi-platform index, compressed
+    distribution layers, blobs of platforms that were not pulled left out (WithSkipMissing)."""
+    a = build_image([make_tar(SMALL + [T("amd", data=b"a")])], arch="amd64", compression="gzip")
+    b = build_image([make_tar(SMALL + [T("arm", data=b"b")])], arch="arm64", compression="zstd")
+    idx, blobs = build_index([(a, {"os": "linux", "architecture": "amd64"}),
+                              (b, {"os": "linux", "architecture": "arm64"})])
+    files = {f"blobs/sha256/{d.split(':')[1]}": data for d, data in blobs.items() if d not in b.blobs}
+    files["blobs/sha256/" + sha256(b.manifest).split(":")[1]] = b.manifest      # manifest kept, layers missing
+    files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": sha256(idx), "size": len(idx),
+         "annotations": {"io.containerd.image.name": "docker.io/library/multi:1",
+                         "org.opencontainers.image.ref.name": "1"}}]}).encode()
+    files["oci-layout"] = b'{"imageLayoutVersion":"1.0.0"}'
+    files["manifest.json"] = b"[]"
+    (tmp_path / "c.tar").write_bytes(_classic_archive(files))
+    im = open_source(f"docker-archive:{tmp_path / 'c.tar'}:multi:1", _opts(store_dir, platform=Platform.parse("amd64")))
+    assert im.digest == a.digest and im.index is not None
+    assert im.layers[0].media_type.endswith("+gzip")
+    with pytest.raises(SourceError, match="missing"):
+        open_source(f"docker-archive:{tmp_path / 'c.tar'}", _opts(store_dir, platform=Platform.parse("arm64")))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
 import time
 from typing import Iterator
 
@@ -49,6 +48,7 @@ from .errors import CorruptInput, HpcconvError, UnsafeInput
 from .harness.checks import FAIL, PASS, WARN, Checks
 from .image import Image, Layer, VerifyingReader, hasher_for
 from .progress import NULL
+from .tarread import Member, TarReader
 
 STAGE = "flatten"
 WH = ".wh."
@@ -81,7 +81,7 @@ def _implied_dir() -> Ino:
     return Ino(DIR, 0o755)
 
 
-def _xattrs_of(ti: tarfile.TarInfo) -> dict[str, bytes]:
+def _xattrs_of(ti: Member) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for k, v in ti.pax_headers.items():
         if k.startswith(XATTR_PREFIX):
@@ -120,20 +120,42 @@ class _Counting(io.RawIOBase):
 
     def __init__(self, inner, hasher, cap: int | None, done: int, what: str):
         self._inner, self.h, self._cap, self.n, self._done, self._what = inner, hasher, cap, 0, done, what
+        self.extra = 0
 
     def readable(self) -> bool:
         return True
+
+    def count_extra(self, n: int) -> None:
+        self.extra += n
+        self._check()
+
+    def _check(self) -> None:
+        if self._cap is not None and self._done + self.n + self.extra > self._cap:
+            raise CorruptInput(f"{self._what}: expands beyond {self._cap} bytes (decompression bomb?)")
 
     def readinto(self, b) -> int:
         data = self._inner.read(len(b))
         if data:
             self.n += len(data)
-            if self._cap is not None and self._done + self.n > self._cap:
-                raise CorruptInput(f"{self._what}: expands beyond {self._cap} bytes (decompression bomb?)")
+            self._check()
             if self.h is not None:
                 self.h.update(data)
         b[: len(data)] = data
         return len(data)
+
+
+def _members(stream, what: str) -> Iterator[tuple[TarReader, Member]]:
+    """Yield (reader, member) for each member of an uncompressed tar stream, naming the layer and
+    the last good member in errors."""
+    tr = TarReader(stream)
+    name = ""
+    try:
+        for m in tr:
+            name = m.name
+            yield tr, m
+    except CorruptInput as e:
+        after = f" after entry {name!r}" if name else ""
+        raise CorruptInput(f"{what}: bad tar data{after}: {e.message}") from None
 
 
 class _Progress(io.RawIOBase):
@@ -255,25 +277,16 @@ class Flattener:
             dec = open_decompressed(_Progress(raw, task), what)
             cnt = _Counting(dec, hasher_for(diff_id) if diff_id else None, self.max_expanded,
                             self.stats["expanded_bytes"], what)
-            tf = tarfile.open(fileobj=cnt, mode="r|", bufsize=CHUNK, encoding="utf-8", errors="surrogateescape")
             st = _LayerState(i, what)
             ordinal = -1
-            name = ""
-            while True:
-                try:
-                    ti = tf.next()
-                except tarfile.TarError as e:
-                    after = f" after entry {name!r}" if name else ""
-                    raise CorruptInput(f"{what}: bad tar data{after}: {e}") from None
-                if ti is None:
-                    break
-                tf.members.clear()           # stream mode keeps every TarInfo otherwise
+            for _, ti in _members(io.BufferedReader(cnt, CHUNK), what):
                 ordinal += 1
-                name = ti.name
+                if ti.sparse is not None and ti.size > ti.stored:
+                    cnt.count_extra(ti.size - ti.stored)       # holes expand on output too
                 try:
                     self._apply(st, ti, ordinal)
                 except HpcconvError as e:
-                    raise type(e)(f"{what} entry {name!r}: {e.message}", hint=e.hint) from None
+                    raise type(e)(f"{what} entry {ti.name!r}: {e.message}", hint=e.hint) from None
             self.stats["members"] += ordinal + 1
             # Read to the end so the blob digest and the diff_id cover every byte.
             while cnt.read(CHUNK):
@@ -291,13 +304,13 @@ class Flattener:
                 pass
         if not raw.verified:
             raise CorruptInput(f"{what}: blob was not fully verified")
-        self.stats["expanded_bytes"] += cnt.n
+        self.stats["expanded_bytes"] += cnt.n + cnt.extra
         if diff_id:
             got = f"{diff_id.split(':', 1)[0]}:{cnt.h.hexdigest()}"
             if got != diff_id:
                 raise CorruptInput(f"{what}: uncompressed content {got} does not match diff_id {diff_id}")
 
-    def _apply(self, st: "_LayerState", ti: tarfile.TarInfo, ordinal: int) -> None:
+    def _apply(self, st: "_LayerState", ti: Member, ordinal: int) -> None:
         kind = entry_type_of(ti)
         parts = clean_name(ti.name)
         if not parts:
@@ -463,18 +476,13 @@ class Flattener:
         self.stats["layers_reread"] += 1
         raw = self._open(i)
         try:
-            tf = tarfile.open(fileobj=open_decompressed(raw, what), mode="r|", bufsize=CHUNK,
-                              encoding="utf-8", errors="surrogateescape")
             ordinal = -1
             left = len(want)
+            members = _members(open_decompressed(raw, what), what)
             while left:
-                try:
-                    ti = tf.next()
-                except tarfile.TarError as e:
-                    raise CorruptInput(f"{what}: bad tar data on second read: {e}") from None
+                tf, ti = next(members, (None, None))
                 if ti is None:
                     raise CorruptInput(f"{what}: layer ended early on second read")
-                tf.members.clear()
                 ordinal += 1
                 ino = want.get(ordinal)
                 if ino is None:
@@ -484,7 +492,7 @@ class Flattener:
                 left -= 1
                 paths = pending[id(ino)]
                 self.stats["content_bytes"] += ino.size
-                yield self._entry(paths[0], ino, reader=tf.extractfile(ti))
+                yield self._entry(paths[0], ino, reader=tf.content(ti))
                 for p in paths[1:]:
                     yield self._entry(p, ino, link=paths[0])
         except (OSError, EOFError, ValueError) as e:

@@ -183,6 +183,7 @@ class TokenServer:
         self.port = free_port()
         self.realm = f"https://127.0.0.1:{self.port}/token"
         self.seen: list[dict] = []
+        self.refresh_tokens = {f"refresh-{u}": u for u in users}     # identity tokens it accepts
         self._httpd: http.server.ThreadingHTTPServer | None = None
 
     def sign(self, claims: dict) -> str:
@@ -234,6 +235,28 @@ class TokenServer:
                     self.end_headers()
                     return
                 body = json.dumps({outer.field: outer.issue(user, q.get("scope", [])),
+                                   "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                """OAuth2 (distribution `oauth.md`): grant_type=refresh_token with a known refresh token."""
+                from urllib.parse import parse_qs
+
+                n = int(self.headers.get("Content-Length") or 0)
+                form = {k: v[0] for k, v in parse_qs(self.rfile.read(n).decode()).items()}
+                outer.seen.append({"path": self.path, "method": "POST", "form": form,
+                                   "headers": dict(self.headers.items())})
+                user = outer.refresh_tokens.get(form.get("refresh_token", ""))
+                if form.get("grant_type") != "refresh_token" or not user or form.get("service") != TOKEN_SERVICE:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = json.dumps({"access_token": outer.issue(user, form.get("scope", "").split()),
                                    "expires_in": 300}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -326,6 +349,7 @@ class LoopbackProxy(_TLSServer):
         self.seen: list[Seen] = []
         self.fail_first: dict[str, int] = {}
         self.mutate = None
+        self.strip_range = False         # behave like a server that ignores Range (answers 200)
         super().__init__("127.0.0.1", certs, _proxy_handler)
 
     @property
@@ -364,7 +388,8 @@ def _proxy_handler(proxy: LoopbackProxy):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept", "range")}
+            fwd = ("authorization", "accept") if proxy.strip_range else ("authorization", "accept", "range")
+            headers = {k: v for k, v in self.headers.items() if k.lower() in fwd}
             r = requests.request(method, f"{proxy.upstream.scheme}://{proxy.upstream.host}{self.path}",
                                  headers=headers, verify=str(proxy.certs.ca), allow_redirects=False,
                                  proxies={"http": "", "https": ""}, stream=True)
@@ -529,3 +554,59 @@ def token_images(token_registry, registry_root, busybox_amd64) -> dict:
     push_layout(_layout(registry_root / "layouts", "bb-token", busybox_amd64), "t", token_registry,
                 "private/busybox:1", creds=f"{USER}:{PASSWORD}")
     return {"private/busybox:1": busybox_amd64}
+
+
+class ConnectProxy:
+    """A minimal HTTP CONNECT proxy on 127.0.0.1 (for HTTPS_PROXY tests). It only tunnels to
+    loopback addresses and records the targets it was asked for."""
+
+    def __init__(self):
+        import socketserver
+
+        self.targets: list[str] = []
+        outer = self
+
+        class H(socketserver.BaseRequestHandler):
+            def handle(self):
+                f = self.request.makefile("rb")
+                line = f.readline().decode("latin-1").split()
+                while f.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                if len(line) < 2 or line[0] != "CONNECT" or not line[1].startswith("127."):
+                    self.request.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                    return
+                outer.targets.append(line[1])
+                host, port = line[1].rsplit(":", 1)
+                up = socket.create_connection((host, int(port)))
+                self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                _pipe(self.request, up)
+
+        self.port = free_port()
+        self._srv = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), H)
+        self._srv.daemon_threads = True
+        threading.Thread(target=self._srv.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._srv.shutdown()
+        self._srv.server_close()
+
+
+def _pipe(a: socket.socket, b: socket.socket) -> None:
+    import select
+
+    try:
+        while True:
+            r, _, _ = select.select([a, b], [], [], 30)
+            if not r:
+                return
+            for s in r:
+                data = s.recv(65536)
+                if not data:
+                    return
+                (b if s is a else a).sendall(data)
+    finally:
+        b.close()

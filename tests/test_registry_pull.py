@@ -241,6 +241,26 @@ def test_range_resume_from_partial(plain_registry, plain_images, test_certs, hen
         proxy.stop()
 
 
+def test_range_ignored_restarts(plain_registry, plain_images, test_certs, henv, store_dir):
+    """A server that ignores Range answers 200 with the whole blob: the partial is dropped, not appended to."""
+    img = plain_images["test/busybox:amd64"]
+    layer = json.loads(img.manifest)["layers"][0]
+    data = img.blobs[layer["digest"]]
+    (store_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    (store_dir / "tmp" / f"sha256-{layer['digest'].split(':')[1]}.partial").write_bytes(data[:1000])
+    proxy = LoopbackProxy(test_certs, plain_registry)
+    proxy.strip_range = True
+    try:
+        r = hpc("pull", f"docker://{proxy.host_port}/test/busybox:amd64", "--ca-cert", str(test_certs.ca), env=henv)
+        assert r.returncode == 0, r.stderr
+        gets = [s for s in proxy.seen if s.method == "GET" and layer["digest"] in s.path]
+        assert [(g.headers.get("Range"), g.status) for g in gets] == [("bytes=1000-", 200)]
+        assert (store_dir / "blobs" / "sha256" / layer["digest"].split(":")[1]).read_bytes() == data
+        assert_store_consistent(store_dir)
+    finally:
+        proxy.stop()
+
+
 def test_bad_partial_is_redownloaded(plain_registry, plain_images, test_certs, henv, store_dir):
     img = plain_images["test/busybox:amd64"]
     layer = json.loads(img.manifest)["layers"][0]
@@ -358,7 +378,8 @@ def test_token_registry(token_registry, token_images, token_server, test_certs, 
     assert r.returncode == 3, r.stderr
     assert "requires authentication" in r.stderr
     anon = token_server.seen[before:]
-    assert anon and all("Authorization" not in s["headers"] for s in anon)
+    assert len(anon) == 2                  # the first token, then one retry after the 401 (insufficient_scope)
+    assert all("Authorization" not in s["headers"] for s in anon)
     henv["DOCKER_AUTH_CONFIG"] = json.dumps({"auths": {token_registry.host: {"username": USER, "password": PASSWORD}}})
     before = len(token_server.seen)
     r = hpc("--json", "pull", src, "--ca-cert", str(test_certs.ca), env=henv)
@@ -390,3 +411,63 @@ def test_token_registry_with_credential_helper(token_registry, token_images, tes
     r = hpc("pull", f"docker://{token_registry.host}/private/busybox:1", "--ca-cert", str(test_certs.ca), env=env)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "asked").read_text().strip() == token_registry.host
+
+
+# proxies and headers -------------------------------------------------------------------------------
+def test_https_proxy_env_is_honoured(tls_registry, tls_images, test_certs, henv, tmp_path):
+    """HTTPS_PROXY is used (as requests would), also for loopback unless NO_PROXY names it."""
+    from registryfix import ConnectProxy
+
+    _docker_config(henv, tls_registry.host, USER, PASSWORD)
+    px = ConnectProxy()
+    try:
+        src = f"docker://{tls_registry.host}/secure/busybox:1"
+        r = hpc("pull", src, "--ca-cert", str(test_certs.ca), env={**henv, "HTTPS_PROXY": px.url})
+        assert r.returncode == 0, r.stderr
+        assert px.targets and set(px.targets) == {tls_registry.host}
+        n = len(px.targets)
+        r = hpc("pull", src, "--ca-cert", str(test_certs.ca),
+                env={**henv, "HTTPS_PROXY": px.url, "NO_PROXY": "127.0.0.1", "HPCCONV_STORE": str(tmp_path / "s2")})
+        assert r.returncode == 0, r.stderr
+        assert len(px.targets) == n
+    finally:
+        px.stop()
+
+
+def test_manifest_accept_header_and_identity_encoding(plain_registry, plain_images, test_certs, henv):
+    proxy = LoopbackProxy(test_certs, plain_registry)
+    try:
+        r = hpc("pull", f"docker://{proxy.host_port}/test/multi:latest", "--ca-cert", str(test_certs.ca), env=henv)
+        assert r.returncode == 0, r.stderr
+        mans = [s for s in proxy.seen if "/manifests/" in s.path]
+        assert mans
+        for s in mans:
+            accept = [a.strip() for a in s.headers["Accept"].split(",")]
+            assert set(accept) == {"application/vnd.oci.image.index.v1+json",
+                                   "application/vnd.docker.distribution.manifest.list.v2+json",
+                                   "application/vnd.oci.image.manifest.v1+json",
+                                   "application/vnd.docker.distribution.manifest.v2+json"}
+        blobs = [s for s in proxy.seen if "/blobs/" in s.path]
+        assert blobs and all(s.headers.get("Accept-Encoding") == "identity" for s in blobs)
+        # tag -> digest once (HEAD, then GET of the tag), children by digest
+        tags = [s for s in mans if s.path.endswith("/manifests/latest")]
+        assert [s.method for s in tags] == ["HEAD", "GET"]
+        assert all("/manifests/sha256:" in s.path for s in mans if s not in tags)
+    finally:
+        proxy.stop()
+
+
+def test_token_registry_identity_token(token_registry, token_images, token_server, test_certs, henv):
+    """An `identitytoken` (refresh token) is exchanged with an OAuth2 POST; the answer has only
+    `access_token`."""
+    henv["DOCKER_AUTH_CONFIG"] = json.dumps({"auths": {token_registry.host: {"identitytoken": f"refresh-{USER}"}}})
+    before = len(token_server.seen)
+    r = hpc("pull", f"docker://{token_registry.host}/private/busybox:1", "--ca-cert", str(test_certs.ca), env=henv)
+    assert r.returncode == 0, r.stderr
+    posts = [s for s in token_server.seen[before:] if s.get("method") == "POST"]
+    assert len(posts) == 1 and posts[0]["form"]["scope"] == "repository:private/busybox:pull"
+    assert posts[0]["form"]["grant_type"] == "refresh_token"
+    henv["DOCKER_AUTH_CONFIG"] = json.dumps({"auths": {token_registry.host: {"identitytoken": "stale"}}})
+    r = hpc("pull", f"docker://{token_registry.host}/private/busybox:1", "--ca-cert", str(test_certs.ca),
+            env={**henv, "HPCCONV_STORE": henv["HPCCONV_STORE"] + "-2"})
+    assert r.returncode == 3 and "refused" in r.stderr

@@ -113,6 +113,9 @@ def pull(client: RegistryClient, ref: Reference, store: Store, want: Platform, o
     else:
         manifest, manifest_digest = Manifest.parse(top_raw, top_ct), top_digest
     _check_layers(manifest)
+    if manifest.config.size > MAX_CONFIG:
+        raise CorruptInput(f"image config {manifest.config.digest} is {manifest.config.size} bytes, "
+                           f"over the {MAX_CONFIG}-byte limit")
     download_all(client, store, [manifest.config] + manifest.layers, opts)
     config = ImageConfig.parse(store.read_blob(manifest.config.digest, MAX_CONFIG))
     if opts.platform is not None and index is None and not config.platform.matches(opts.platform):

@@ -1,0 +1,58 @@
+"""HTTP helpers of the registry client: Retry-After, backoff, CA bundles."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+import pytest
+
+from hpcconv.errors import NetworkError
+from hpcconv.registry.client import _range_ok
+from hpcconv.registry.http import BACKOFF_CAP, RETRY_AFTER_CAP, Trust, backoff, retry_after
+
+
+def test_retry_after_seconds_and_dates():
+    assert retry_after("7") == 7
+    assert retry_after("100000") == RETRY_AFTER_CAP
+    soon = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= retry_after(soon) <= 30
+    assert retry_after(email.utils.formatdate(time.time() - 30, usegmt=True)) == 0
+    assert retry_after("soon") is None
+    assert retry_after(None) is None
+
+
+def test_backoff_grows_with_jitter_and_is_capped():
+    for attempt in range(12):
+        b = backoff(attempt)
+        assert 0 < b <= BACKOFF_CAP
+    assert backoff(1) <= backoff(6)   # 0.5..1 s vs 8..16 s with the default base
+
+
+def test_range_check():
+    assert _range_ok("bytes 100-999/1000", 100, 1000)
+    assert _range_ok("bytes 100-999/*", 100, 1000)
+    assert not _range_ok("bytes 0-999/1000", 100, 1000)
+    assert not _range_ok("bytes 100-998/1000", 100, 1000)
+    assert not _range_ok("bytes 100-999/2000", 100, 1000)
+    assert not _range_ok("", 100, 1000)
+
+
+def test_trust_adds_extra_ca_to_base(tmp_path, monkeypatch):
+    base = tmp_path / "base.pem"
+    base.write_bytes(b"BASE\n")
+    extra = tmp_path / "extra.pem"
+    extra.write_bytes(b"EXTRA\n")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(base))
+    t = Trust(str(extra))
+    try:
+        data = open(t.bundle, "rb").read()
+        assert b"BASE" in data and b"EXTRA" in data
+    finally:
+        t.close()
+    assert Trust(None).bundle == str(base)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    monkeypatch.setenv("SSL_CERT_FILE", str(extra))
+    assert Trust(None).bundle == str(extra)
+    with pytest.raises(NetworkError):
+        Trust(str(tmp_path / "missing.pem"))

@@ -283,9 +283,9 @@ def convert(
         human.append(f"{sum(c.get('count', 1) for c in res.changes)} fix-ups for {target.value.capitalize()} "
                      "(see --json for the list)")
     human.append(f"run it with: {res.run_hint}")
-    if target is Target.shifter:
-        human.append(res.note)
     _emit_result(result, human)
+    if target is Target.shifter and not (G.quiet or G.json):
+        typer.echo(res.note)  # plain, unwrapped: it holds commands to copy
     if checks.failed:
         raise typer.Exit(1)
 

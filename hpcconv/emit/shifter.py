@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -150,8 +151,8 @@ class ShifterFixups:
 
 
 def install_note(image_id: str, out: Path, config: ImageConfig) -> str:
-    cmd = " ".join(config.cmd) if config.cmd else "/bin/sh"
-    ep = " ".join(config.entrypoint)
+    cmd = shlex.join(config.cmd) if config.cmd else "/bin/sh"
+    ep = shlex.join(config.entrypoint)
     lines = [
         f"Shifter image {image_id} in {out}/:",
         f"  {image_id}.squashfs  {image_id}.meta",
@@ -159,8 +160,9 @@ def install_note(image_id: str, out: Path, config: ImageConfig) -> str:
         "imagePath directory named in udiRoot.conf (the image gateway's imageDir), e.g.",
         f"  install -m 0644 -o root -g root {out}/{image_id}.squashfs {out}/{image_id}.meta /path/to/imagePath/",
         "Users then run it by id, without the image gateway:",
-        f"  shifter --image=id:{image_id} {cmd}",
-        f"  #SBATCH --image=id:{image_id}   then   srun shifter {cmd}",
+        f"  shifter --image=id:{image_id}" + (f"   runs CMD ({cmd})" if config.cmd else "   runs /bin/sh"),
+        f"  shifter --image=id:{image_id} COMMAND [ARGS...]",
+        f"  #SBATCH --image=id:{image_id}   then   srun shifter COMMAND [ARGS...]",
     ]
     if ep:
         lines.append(f"  shifter --image=id:{image_id} --entrypoint [ARGS]   runs the ENTRYPOINT ({ep})")

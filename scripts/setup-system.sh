@@ -9,7 +9,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 export DEBIAN_FRONTEND=noninteractive
 
 pkgs=(docker.io docker-registry charliecloud squashfs-tools squashfs-tools-ng squashfuse fuse3
-      qemu-user-static binfmt-support golang-go golang-github-sylabs-sif-dev busybox-static
+      qemu-user-static binfmt-support golang-go golang-github-sylabs-sif-dev golang-github-spf13-cobra-dev
+      golang-github-spf13-pflag-dev golang-github-google-uuid-dev busybox-static
       skopeo umoci apache2-utils openssl ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -38,6 +39,9 @@ fi
 if [ -e /proc/sys/fs/binfmt_misc/register ] && [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
   update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || update-binfmts --import qemu-aarch64 >/dev/null 2>&1 || true
 fi
+
+# the Sylabs reference siftool (SIF oracle of the tests), built offline from the Debian Go source
+bash "$here/scripts/build-siftool.sh" >/dev/null
 
 # hpcconv and its Python dependencies
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e "$here[test]"

@@ -24,9 +24,10 @@ tests/test_flatten_docker.py):
   non-directory replacing a directory drops its subtree;
 * a missing parent is created 0755 root:root; an existing lower directory keeps its attributes
   (Docker on overlay2 resets it to 0755 root:root in the merged view, containerd keeps it);
-* a parent that is a symlink is followed inside the root (chroot semantics, `lib -> usr/lib`);
-  Docker on overlay2 instead replaces the symlink with a directory — see the tests;
-  a parent that is another non-directory is replaced by a directory (warning);
+* a parent that is a symlink leading to an existing directory is followed inside the root (chroot
+  semantics, `lib -> usr/lib`); Docker on overlay2 instead hides the symlink behind a new
+  directory — see the tests. Any other non-directory parent (a file, a dangling or looping
+  symlink) is itself replaced by a directory, with a warning, as overlay2 shows;
 * hardlinks share an inode: the target is resolved from the root (leading `/` stripped), may lie
   in a lower layer (Docker on overlay2 refuses that at `docker load`; the spec allows it), keeps
   its content when the target path is later removed or overwritten, and a hardlink header's
@@ -206,50 +207,60 @@ class Flattener:
 
     # -- path resolution -------------------------------------------------------------------------
     def _walk(self, parts: list[str], create: bool, cur: "_LayerState | None") -> tuple[Ino, list[str]] | None:
-        """Resolve directory components from the root, following symlinks inside the root.
-        With `create`, missing directories are made (0755 root) and non-directories replaced."""
-        chain: list[Ino] = [self.root]
-        names: list[str] = []
-        todo = list(reversed(parts))
-        hops = 0
-        while todo:
-            c = todo.pop()
+        """Resolve directory components from the root. A symlink is followed (inside the root,
+        like a chrooted applier) when it leads to an existing directory. With `create`, missing
+        directories are made (0755 root) and a non-directory, or a symlink that leads nowhere
+        useful, is replaced by a directory; without it, None is returned for such paths."""
+        got = self._descend([self.root], [], parts, create, cur, [0])
+        return None if got is None else (got[0][-1], got[1])
+
+    def _descend(self, chain: list[Ino], names: list[str], parts: list[str], create: bool,
+                 cur: "_LayerState | None", hops: list[int]) -> tuple[list[Ino], list[str]] | None:
+        chain, names = list(chain), list(names)
+        for c in parts:
             if c in ("", "."):
                 continue
             if c == "..":
-                if len(chain) > 1:
+                if len(chain) > 1:                  # `..` at the root stays at the root
                     chain.pop()
                     names.pop()
                 continue
             d = chain[-1]
             child = d.children.get(c)
-            if child is None:
+            if child is not None and child.type == SYMLINK:
+                hops[0] += 1
+                got = None
+                if hops[0] <= MAX_SYMLINK_HOPS:
+                    t = child.linkname
+                    start = ([self.root], []) if t.startswith("/") else (chain, names)
+                    got = self._descend(start[0], start[1], t.split("/"), False, None, hops)
+                if got is not None:
+                    chain, names = got
+                    continue
+                if not create:
+                    return None
+                child = self._replace_parent(d, c, names, child, cur, "a symlink not leading to a directory")
+            elif child is None:
                 if not create:
                     return None
                 child = d.children[c] = _implied_dir()
                 if cur is not None:
                     cur.implied.add("/".join(names + [c]))
-            elif child.type == SYMLINK:
-                hops += 1
-                if hops > MAX_SYMLINK_HOPS:
-                    raise UnsafeInput("too many levels of symbolic links in a parent path")
-                target = child.linkname
-                if target.startswith("/"):
-                    chain, names = [self.root], []
-                todo.extend(reversed(target.split("/")))
-                continue
             elif child.type != DIR:
                 if not create:
                     return None
-                if cur is not None:
-                    self._warn(f"{cur.what}: {'/'.join(names + [c])!r} ({child.type}) is the parent of "
-                               f"an entry; replaced by a directory")
-                child = d.children[c] = _implied_dir()
-                if cur is not None:
-                    cur.implied.add("/".join(names + [c]))
+                child = self._replace_parent(d, c, names, child, cur, f"a {child.type}")
             chain.append(child)
             names.append(c)
-        return chain[-1], names
+        return chain, names
+
+    def _replace_parent(self, d: Ino, c: str, names: list[str], old: Ino, cur, why: str) -> Ino:
+        key = "/".join(names + [c])
+        if cur is not None:
+            self._warn(f"{cur.what}: {key!r} is {why} but the parent of an entry; replaced by a directory")
+            cur.implied.add(key)
+        new = d.children[c] = _implied_dir()
+        return new
 
     # -- index pass ------------------------------------------------------------------------------
     def index(self) -> None:

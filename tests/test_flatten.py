@@ -53,13 +53,16 @@ def test_absolute_names_and_link_targets_are_made_relative():
 
 def test_symlinked_parent_cannot_escape_root():
     # layer 1 plants esc -> ../../../../tmp; layer 2 writes through it: resolved inside the root
-    tree, _ = flat([[T("esc", "sym", link="../../../../tmp")], [T("esc/x", data=b"x")]])
-    assert tree["tmp/x"].sha == h(b"x") and tree["esc"].type == "symlink"
+    tree, _ = flat([[T("tmp", "dir"), T("esc", "sym", link="../../../../tmp"), T("abs", "sym", link="/../tmp/")],
+                    [T("esc/x", data=b"x"), T("abs/y", data=b"y")]])
+    assert tree["tmp/x"].sha == h(b"x") and tree["tmp/y"].sha == h(b"y")
+    assert tree["esc"].type == tree["abs"].type == "symlink"
 
 
-def test_symlink_loop_in_parent_is_refused():
-    with pytest.raises(UnsafeInput, match="symbolic links"):
-        flat([[T("a", "sym", link="b"), T("b", "sym", link="a")], [T("a/x", data=b"x")]])
+def test_symlink_loop_in_parent_becomes_a_directory():
+    tree, f = flat([[T("a", "sym", link="b"), T("b", "sym", link="a")], [T("a/x", data=b"x")]])
+    assert tree["a"].type == "dir" and tree["a/x"].sha == h(b"x") and tree["b"].type == "symlink"
+    assert "symlink not leading to a directory" in f.warnings[0]
 
 
 def test_hardlink_to_directory_is_corrupt():

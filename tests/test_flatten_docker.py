@@ -101,6 +101,13 @@ CASES = {
         [T("deep/a/b/c", data=b"c"), T("deep/a/b2/d", data=b"d"), T("bin/tool", data=b"t", mode=0o755)],
         [T("other/x/y", data=b"y"), T("deep/a/new", data=b"n")],
     ],
+    "symlink-parents-not-leading-to-a-dir": [
+        # a symlinked parent pointing at a file, nowhere, or itself is replaced by a directory
+        # (the symlink, never its target); that is what overlay2 shows too
+        BASE + [T("file", data=b"f"), T("tofile", "sym", link="file"), T("dangling", "sym", link="nowhere/x"),
+                T("loop", "sym", link="loop")],
+        [T("tofile/x", data=b"1"), T("dangling/y", data=b"2"), T("loop/z", data=b"3")],
+    ],
     "absolute-and-dot-names": [
         BASE + [T("/abs", "dir"), T("/abs/file", data=b"A"), T("./dot/x", data=b"B"), T("a/./b/../c", data=b"C")],
     ],

@@ -350,6 +350,7 @@ class LoopbackProxy(_TLSServer):
         self.fail_first: dict[str, int] = {}
         self.mutate = None
         self.strip_range = False         # behave like a server that ignores Range (answers 200)
+        self.cut_first: dict[str, int] = {}   # substring -> n: send half the body, then drop the connection
         super().__init__("127.0.0.1", certs, _proxy_handler)
 
     @property
@@ -405,6 +406,15 @@ def _proxy_handler(proxy: LoopbackProxy):
             self.send_header("Content-Length", r.headers.get("Content-Length", str(len(body)))
                              if method == "HEAD" else str(len(body)))
             self.end_headers()
+            cut = next((sub for sub, n in proxy.cut_first.items() if sub in self.path and n > 0), None)
+            if cut is not None and method == "GET" and len(body) > 1:
+                proxy.cut_first[cut] -= 1
+                s.status = -r.status_code          # negative: this response was cut short
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if method != "HEAD":
                 self.wfile.write(body)
 

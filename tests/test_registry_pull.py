@@ -261,6 +261,24 @@ def test_range_ignored_restarts(plain_registry, plain_images, test_certs, henv, 
         proxy.stop()
 
 
+def test_dropped_connection_resumes(plain_registry, plain_images, test_certs, henv, store_dir):
+    """The connection drops half-way through a layer: the same run resumes with Range and verifies."""
+    img = plain_images["test/busybox:amd64"]
+    layer = json.loads(img.manifest)["layers"][0]
+    size = layer["size"]
+    proxy = LoopbackProxy(test_certs, plain_registry)
+    proxy.cut_first = {layer["digest"]: 1}
+    try:
+        r = hpc("pull", f"docker://{proxy.host_port}/test/busybox:amd64", "--ca-cert", str(test_certs.ca), env=henv)
+        assert r.returncode == 0, r.stderr
+        gets = [s for s in proxy.seen if s.method == "GET" and layer["digest"] in s.path]
+        assert [(g.headers.get("Range"), g.status) for g in gets] == [(None, -200), (f"bytes={size // 2}-", 206)]
+        assert sha256_file(store_dir / "blobs" / "sha256" / layer["digest"].split(":")[1]) == layer["digest"]
+        assert_store_consistent(store_dir)
+    finally:
+        proxy.stop()
+
+
 def test_bad_partial_is_redownloaded(plain_registry, plain_images, test_certs, henv, store_dir):
     img = plain_images["test/busybox:amd64"]
     layer = json.loads(img.manifest)["layers"][0]

@@ -118,7 +118,9 @@ def send(session: requests.Session, method: str, url: str, *, headers: dict, ver
             raise
         except (requests.ConnectionError, requests.Timeout) as e:
             last_error = _reason(e)
-            if attempt + 1 < MAX_ATTEMPTS:
+            # a refused connection or unknown host is retried once, a dropped or slow one fully
+            limit = min(2, MAX_ATTEMPTS) if _connect_failed(e) else MAX_ATTEMPTS
+            if attempt + 1 < limit:
                 sleep(backoff(attempt))
                 continue
             raise NetworkError(f"cannot reach {_origin(url)}: {last_error}",
@@ -130,6 +132,16 @@ def send(session: requests.Session, method: str, url: str, *, headers: dict, ver
             continue
         return r
     raise AssertionError("unreachable")
+
+
+def _connect_failed(e: Exception) -> bool:
+    import urllib3
+
+    if isinstance(e, requests.ConnectTimeout):
+        return True
+    reason = getattr(e.args[0], "reason", None) if e.args else None
+    return isinstance(reason, urllib3.exceptions.NewConnectionError) or \
+        isinstance(e.args[0] if e.args else None, urllib3.exceptions.NewConnectionError)
 
 
 def _origin(url: str) -> str:

@@ -60,7 +60,7 @@ SD_DIRS = [SD, f"{SD}/libs", f"{SD}/actions", f"{SD}/env"]
 MOUNT_DIRS = ["dev", "proc", "sys", "tmp", "var", "var/tmp", "home", "root", "etc"]
 EMPTY_FILES = ["etc/hosts", "etc/resolv.conf"]
 # never made world-readable: secrets that a non-root user has no business reading
-PRIVATE = re.compile(r"^(etc/(g?shadow-?|security/opasswd|sudoers|ssh/ssh_host_[^/]*_key)|root/\.ssh/.*)$")
+PRIVATE = re.compile(r"^(etc/(g?shadow-?|security/opasswd|sudoers|ssh/ssh_host_[^/]*_key)|root/\.ssh(/.*)?)$")
 EXAMPLES = 5
 
 

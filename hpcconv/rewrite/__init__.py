@@ -1,0 +1,26 @@
+"""Profile-driven rewrite passes over the rootfs entry stream (one module per pass).
+
+``base`` holds the framework (Pass, Scanner, PassRunner); ``elfinfo``/``x86scan`` read ELF facts while
+the bytes stream by; ``elf``, ``glibc``, ``mpi``, ``fabric`` and ``gpu`` are the passes. Today the
+passes observe and report checks (stage "rewrite"); they do not modify entries yet.
+"""
+
+from __future__ import annotations
+
+
+def default_passes():
+    """A fresh instance of every detection pass, in report order."""
+    from .elf import ElfPass
+    from .fabric import FabricPass
+    from .glibc import GlibcPass
+    from .gpu import GpuPass
+    from .mpi import MpiPass
+
+    return [ElfPass(), GlibcPass(), MpiPass(), FabricPass(), GpuPass()]
+
+
+def check_entries(entries, profile=None):
+    """Run every detection pass over an entry stream (consuming it) and return the checks."""
+    from .base import PassRunner
+
+    return PassRunner(default_passes(), profile).run(entries)

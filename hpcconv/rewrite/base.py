@@ -1,0 +1,187 @@
+"""The pass framework: profile-driven passes observe the rootfs entry stream in one go.
+
+A :class:`Pass` sees every entry (``observe``), and for each ELF file the parsed :class:`ElfInfo`
+(``observe_elf``), then reports :class:`Checks` at the end (``finish``). :class:`PassRunner` composes
+passes into a single stream transform: it reads at most ``head_size`` bytes of each file up front,
+hands downstream a reader that replays those bytes and then continues from the original reader,
+and feeds every byte that flows through (the head, then what downstream reads) to the scanners the
+passes asked for. Nothing re-reads the stream and no file is held whole in memory: scanners keep only
+bounded pieces (ELF headers, notes, the dynamic section, a bounded prefix) or running counters.
+
+Entry-stream contract (see ``hpcconv.entries``): a file's reader is valid only until the next entry
+is requested. Before yielding the next entry the runner therefore drains what downstream left unread
+of the previous file through the scanners (only when a scanner is attached), then closes them.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import BinaryIO, Iterable, Iterator
+
+from ..entries import FILE, Entry
+from ..harness.checks import Checks
+
+HEAD_SIZE = 64 * 1024
+_DRAIN_CHUNK = 1 << 20
+
+
+class Scanner:
+    """Receives a file's bytes in order, once: ``feed(offset, data)`` ..., then ``close(complete)``."""
+
+    def feed(self, offset: int, data: bytes) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self, complete: bool) -> None:
+        pass
+
+
+class Pass:
+    """Base class of a rewrite pass. Subclasses override what they need."""
+
+    name = "pass"
+    stage = "rewrite"
+    #: ask the runner's ELF scanner to scan executable segments for AVX/AVX-512 encodings
+    scan_instructions = False
+
+    def observe(self, entry: Entry, head: bytes | None) -> Scanner | None:
+        """Every entry; ``head`` is the first bytes of a file (None for other types). May return a
+        scanner that then receives the whole file content as it streams."""
+        return None
+
+    def observe_elf(self, entry: Entry, elf) -> None:
+        """Every ELF file, after its content has streamed (``elf`` is an ElfInfo)."""
+
+    def finish(self, profile) -> Checks:
+        return Checks()
+
+
+class _TeeReader(io.RawIOBase):
+    """Replays ``head`` then continues from ``reader``; everything read past the head is fed to scanners."""
+
+    def __init__(self, head: bytes, reader: BinaryIO, size: int, scanners: list[Scanner]):
+        self._head, self._r, self._size, self._scanners = head, reader, size, scanners
+        self._pos = 0            # bytes handed downstream
+        self._fed = len(head)    # bytes fed to scanners (the head is fed at once)
+        self._closed_scanners = False
+        for s in scanners:
+            s.feed(0, head)
+
+    def readable(self) -> bool:
+        return True
+
+    def _pull(self, n: int) -> bytes:
+        data = self._r.read(n)
+        if data and self._scanners:
+            for s in self._scanners:
+                s.feed(self._fed, data)
+        self._fed += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        """Fill ``b`` as far as the content goes (full reads: tarfile treats short reads as EOF)."""
+        n, done = len(b), 0
+        if self._pos < len(self._head):
+            chunk = self._head[self._pos:self._pos + n]
+            b[:len(chunk)] = chunk
+            done = len(chunk)
+        while done < n and self._fed < self._size:
+            chunk = self._pull(min(n - done, self._size - self._fed))
+            if not chunk:
+                break
+            b[done:done + len(chunk)] = chunk
+            done += len(chunk)
+        self._pos += done
+        return done
+
+    def finish(self) -> None:
+        """Drain the rest through the scanners (if any) and close them."""
+        if self._closed_scanners:
+            return
+        self._closed_scanners = True
+        complete = True
+        if self._scanners:
+            try:
+                while self._fed < self._size:
+                    data = self._pull(min(_DRAIN_CHUNK, self._size - self._fed))
+                    if not data:
+                        complete = False
+                        break
+            except (OSError, ValueError):
+                complete = False
+        for s in self._scanners:
+            s.close(complete and self._fed >= self._size)
+
+
+def _read_head(reader: BinaryIO, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        data = reader.read(n - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+class PassRunner:
+    """Runs passes over an entry stream as one transform (``transform``) or to the end (``run``)."""
+
+    def __init__(self, passes: Iterable[Pass], profile=None, head_size: int = HEAD_SIZE):
+        self.passes = list(passes)
+        self.profile = profile
+        self.head_size = head_size
+        self.scan_instructions = any(p.scan_instructions for p in self.passes)
+        self.entries_seen = 0
+        self.files_seen = 0
+        self.elf_seen = 0
+
+    def _scanners_for(self, e: Entry, head: bytes) -> list[Scanner]:
+        from .elfinfo import ElfScanner, is_elf
+
+        out: list[Scanner] = []
+        for p in self.passes:
+            s = p.observe(e, head)
+            if s is not None:
+                out.append(s)
+        if is_elf(head):
+            self.elf_seen += 1
+            out.append(ElfScanner(e, head, self._elf_done, scan_instructions=self.scan_instructions))
+        return out
+
+    def _elf_done(self, entry: Entry, info) -> None:
+        for p in self.passes:
+            p.observe_elf(entry, info)
+
+    def transform(self, entries: Iterable[Entry]) -> Iterator[Entry]:
+        for e in entries:
+            self.entries_seen += 1
+            if e.type == FILE and e.size and e.reader is not None:
+                self.files_seen += 1
+                head = _read_head(e.reader, min(self.head_size, e.size))
+                tee = _TeeReader(head, e.reader, e.size, self._scanners_for(e, head))
+                try:
+                    yield e.with_(reader=tee)
+                except GeneratorExit:   # the consumer stopped: close scanners without reading on
+                    tee._scanners, scanners = [], tee._scanners
+                    for s in scanners:
+                        s.close(False)
+                    raise
+                # downstream asked for the next entry: finish this file *before* pulling the next
+                # one upstream, while its reader is still valid
+                tee.finish()
+            else:
+                for p in self.passes:
+                    p.observe(e, b"" if e.type == FILE else None)
+                yield e
+
+    def run(self, entries: Iterable[Entry]) -> Checks:
+        """Consume the stream (observe only) and return the passes' checks."""
+        for _ in self.transform(entries):
+            pass
+        return self.finish()
+
+    def finish(self) -> Checks:
+        checks = Checks()
+        for p in self.passes:
+            checks.extend(p.finish(self.profile))
+        return checks

@@ -278,3 +278,73 @@ def test_hardlinks_yielded_after_their_file():
     links = [e for e in entries if e[1] == "hardlink"]
     assert sorted(p for p, _, _ in links) == sorted({"a", "z", "m/n"} - {first})
     assert all(l == first for _, _, l in links)
+
+
+# -- through the CLI -----------------------------------------------------------------------------------
+def _export(tmp_path, img):
+    import os
+    import subprocess
+    import sys
+
+    from ocitools import image_layout
+
+    layout = image_layout(tmp_path / "layout", img)
+    return subprocess.run([sys.executable, "-m", "hpcconv.cli", "export", f"oci:{layout}", "-o",
+                           str(tmp_path / "out.tar"), "--raw"], capture_output=True, text=True,
+                          env={**os.environ, "HPCCONV_STORE": str(tmp_path / "store")})
+
+
+def test_cli_export_unsafe_layer_exits_4_naming_layer_and_entry(tmp_path):
+    r = _export(tmp_path, build_image([make_tar([T("ok", data=b"1")]), make_tar([T("../../etc/evil", data=b"x")])]))
+    assert r.returncode == 4, r.stderr
+    first = r.stderr.strip().splitlines()[0]
+    assert "layer 2/2 (sha256:" in first and "'../../etc/evil'" in first
+    assert not (tmp_path / "out.tar").exists()
+
+
+def test_cli_export_diff_id_mismatch_exits_4(tmp_path):
+    img = build_image([make_tar([T("a", data=b"a")])])
+    cfg = json.loads(img.config)
+    cfg["rootfs"]["diff_ids"][0] = sha256(b"other")
+    raw = json.dumps(cfg).encode()
+    man = json.loads(img.manifest)
+    del img.blobs[man["config"]["digest"]]
+    man["config"].update(digest=sha256(raw), size=len(raw))
+    img.blobs[sha256(raw)] = raw
+    img.config, img.manifest = raw, json.dumps(man).encode()
+    r = _export(tmp_path, img)
+    assert r.returncode == 4 and "diff_id" in r.stderr, r.stderr
+
+
+def test_cli_export_writes_flattened_tar(tmp_path):
+    import tarfile
+
+    r = _export(tmp_path, build_image([make_tar([T("d/a", data=b"a"), T("d/b", data=b"b")]),
+                                       make_tar([T("d/.wh.a"), T("d/h", "hard", link="d/b")])], compression="zstd"))
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(tmp_path / "out.tar") as tf:
+        names = {m.name.rstrip("/"): m for m in tf}
+    assert set(names) == {"d", "d/b", "d/h"} and names["d/h"].islnk() != names["d/b"].islnk()
+
+
+def test_memory_stays_bounded_by_chunks():
+    # a 96 MiB file (compresses to ~100 KiB) is streamed through, never held
+    import tracemalloc
+
+    big = make_tar([T("big", data=bytes(96 << 20)), T("small", data=b"s")])
+    img = build_image([big])
+    del big
+    image = image_from_built(img)
+    tracemalloc.start()
+    try:
+        f = Flattener(image)
+        n = 0
+        for e in f.entries():
+            if e.type == FILE:
+                while chunk := e.reader.read(1 << 20):
+                    n += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == (96 << 20) + 1
+    assert peak < 12 << 20, f"peak {peak >> 20} MiB"

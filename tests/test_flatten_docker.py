@@ -42,7 +42,8 @@ CASES = {
     "whiteout-files-and-dirs": [
         BASE + [T("a", data=b"a"), T("d", "dir"), T("d/f", data=b"f"), T("d/g", data=b"g"),
                 T("gone", "dir"), T("gone/x", data=b"x"), T("gone/sub", "dir"), T("gone/sub/y", data=b"y")],
-        [T(".wh.a"), T("d", "dir"), T("d/.wh.f"), T(".wh.gone")],
+        [T(".wh.a"), T("d", "dir"), T("d/.wh.f"), T(".wh.gone"),
+         T("nothere/.wh.x"), T("nodir/.wh..wh..opq")],     # both leave an empty 0755 dir in Docker
     ],
     "opaque-marker-first": [
         BASE + [T("d", "dir"), T("d/old", data=b"old"), T("d/sub", "dir"), T("d/sub/o", data=b"o"),

@@ -105,8 +105,10 @@ def server_context(certs: Certs) -> ssl.SSLContext:
 
 # the registry process ---------------------------------------------------------------------------------
 class Registry:
-    def __init__(self, root: Path, name: str, auth: dict | None = None, certs: Certs | None = None):
+    def __init__(self, root: Path, name: str, auth: dict | None = None, certs: Certs | None = None,
+                 extra: dict | None = None):
         self.root, self.name, self.auth, self.certs = root / name, name, auth, certs
+        self.extra = extra or {}
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.storage = self.root / "storage"
@@ -127,6 +129,7 @@ class Registry:
             cfg["http"]["tls"] = {"certificate": str(self.certs.cert), "key": str(self.certs.key)}
         if self.auth:
             cfg["auth"] = self.auth
+        cfg.update(self.extra)
         (self.root / "config.yml").write_text(json.dumps(cfg))   # JSON is YAML
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen([exe, "serve", str(self.root / "config.yml")], stdout=logf, stderr=logf,

@@ -170,6 +170,23 @@ def test_library_image_and_offline_digest(plain_registry, plain_images, store_di
         open_source(f"docker://127.0.0.1:1/x@{plain_images['amd64'].digest}", SourceOptions(store_path=str(store_dir)))
 
 
+def test_schema1_is_rejected_clearly(registry_root, henv, tmp_path):
+    """skopeo converts an image to signed schema 1 and pushes it to a registry that still accepts it."""
+    from ocitools import T, build_image, image_layout, make_tar
+    from registryfix import Registry, skopeo
+
+    reg = Registry(registry_root, "schema1", extra={"compatibility": {"schema1": {"enabled": True}}}).start()
+    try:
+        img = build_image([make_tar([T("a", data=b"x" * 100)])])
+        skopeo("copy", "--dest-tls-verify=false", "--format", "v2s1", f"oci:{image_layout(tmp_path / 'l', img, 't')}:t",
+               f"docker://{reg.host}/old/img:1")
+        r = hpc("pull", f"docker://{reg.host}/old/img:1", "--insecure", env=henv)
+        assert r.returncode == 3, r.stderr
+        assert "schema 1" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        reg.stop()
+
+
 def test_unknown_repo_and_tag(plain_registry, plain_images, henv):
     r = hpc("pull", f"docker://{plain_registry.host}/test/busybox:nope", "--insecure", env=henv)
     assert r.returncode == 3 and "not found" in r.stderr

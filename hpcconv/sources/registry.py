@@ -9,13 +9,14 @@ they are published), then store the manifest (and index) and tag the normalised 
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from ..errors import CorruptInput, SourceError
-from ..image import (DOCKER_LAYER_FOREIGN, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, Descriptor, Image,
-                     ImageConfig, Index, Layer, Manifest, Platform, check_digest, digest_bytes, host_platform,
-                     manifest_kind, parse_json, verify_bytes)
+from ..image import (DOCKER_LAYER_FOREIGN, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, SCHEMA1_TYPES,
+                     Descriptor, Image, ImageConfig, Index, Layer, Manifest, Platform, check_digest, digest_bytes,
+                     host_platform, manifest_kind, parse_json, verify_bytes)
 from ..reference import Reference, parse
 from ..registry.client import MAX_MANIFEST, RegistryClient
 from ..store import Store
@@ -49,6 +50,7 @@ def _fetch_document(client: RegistryClient, store: Store, reference: str, pinned
         if known and _valid_digest(known) and store.has(known):
             return known, store.read_blob(known, MAX_MANIFEST), ""
     raw, ctype, header = client.get_manifest(reference)
+    _reject_schema1(raw, ctype)       # before digests: schema1's digest covers the JWS-stripped payload
     if pinned:
         verify_bytes(raw, pinned, f"manifest {pinned}")
         digest = pinned
@@ -65,6 +67,15 @@ def _fetch_document(client: RegistryClient, store: Store, reference: str, pinned
     if declared and ctype in INDEX_TYPES + MANIFEST_TYPES and declared != ctype:
         raise CorruptInput(f"manifest {digest} says it is {declared} but was served as {ctype}")
     return digest, raw, ctype
+
+
+def _reject_schema1(raw: bytes, ctype: str) -> None:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        obj = None
+    if ctype in SCHEMA1_TYPES or (isinstance(obj, dict) and obj.get("schemaVersion") == 1):
+        manifest_kind(obj if isinstance(obj, dict) else {}, ctype)   # raises the schema1 SourceError
 
 
 def _valid_digest(d: str) -> bool:

@@ -31,8 +31,10 @@ def real_name(soname: str, libdir: str = LIBDIR) -> str:
 
 def real(name: str, into: str = CLIBDIR, libdir: str = LIBDIR) -> tuple:
     """A real host library (file name or soname, resolved to the real file) as a file entry in the image."""
-    name = real_name(name, libdir)
-    return ("file", f"{into}/{name}", f"{libdir}/{name}")
+    src = os.path.realpath(f"{libdir}/{name}")
+    if os.path.dirname(src) == os.path.realpath(libdir):
+        name = os.path.basename(src)
+    return ("file", f"{into}/{name}", src)
 
 
 def stream(spec):

@@ -412,20 +412,23 @@ class Flattener:
         self.stats["opaque"] += 1
         self._prune(st, d, key)
 
-    def _prune(self, st: "_LayerState", d: Ino, key: str) -> None:
-        """Remove every lower-layer descendant of `d`; keep what this layer wrote."""
-        for name, child in list(d.children.items()):
-            ck = f"{key}/{name}" if key else name
-            if ck in st.unpacked:
-                if child.type == DIR:
-                    self._prune(st, child, ck)
-            elif ck in st.ancestors and child.type == DIR:
-                # A lower directory this layer only wrote into: it is hidden too, so what remains
-                # is an implied directory holding this layer's entries.
-                child.mode, child.uid, child.gid, child.mtime, child.xattrs = 0o755, 0, 0, 0, {}
-                self._prune(st, child, ck)
-            else:
-                del d.children[name]
+    def _prune(self, st: "_LayerState", top: Ino, top_key: str) -> None:
+        """Remove every lower-layer descendant of `top`; keep what this layer wrote."""
+        todo = [(top, top_key)]
+        while todo:
+            d, key = todo.pop()
+            for name, child in list(d.children.items()):
+                ck = f"{key}/{name}" if key else name
+                if ck in st.unpacked:
+                    if child.type == DIR:
+                        todo.append((child, ck))
+                elif ck in st.ancestors and child.type == DIR:
+                    # A lower directory this layer only wrote into: it is hidden too, so what
+                    # remains is an implied directory holding this layer's entries.
+                    child.mode, child.uid, child.gid, child.mtime, child.xattrs = 0o755, 0, 0, 0, {}
+                    todo.append((child, ck))
+                else:
+                    del d.children[name]
 
     # -- emit pass -------------------------------------------------------------------------------
     def entries(self) -> Iterator[Entry]:

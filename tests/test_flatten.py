@@ -348,3 +348,11 @@ def test_memory_stays_bounded_by_chunks():
         tracemalloc.stop()
     assert n == (96 << 20) + 1
     assert peak < 12 << 20, f"peak {peak >> 20} MiB"
+
+
+def test_deep_tree_under_opaque_dir():
+    deep = "/".join(["d"] * 3000)
+    tree, _ = flat([[T(deep + "/old", data=b"o")], [T("d/.wh..wh..opq"), T("d/new", data=b"n")]])
+    assert set(tree) == {"d", "d/new"}
+    tree, _ = flat([[T(deep + "/f", data=b"f")]])
+    assert len(tree) == 3001 and tree[deep + "/f"].sha == h(b"f")

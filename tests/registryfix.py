@@ -285,6 +285,8 @@ class Seen:
     path: str
     headers: dict
     status: int = 0
+    start: float = 0.0
+    end: float = 0.0
 
 
 class _TLSServer:
@@ -354,6 +356,7 @@ class LoopbackProxy(_TLSServer):
         self.mutate = None
         self.strip_range = False         # behave like a server that ignores Range (answers 200)
         self.cut_first: dict[str, int] = {}   # substring -> n: send half the body, then drop the connection
+        self.blob_delay = 0.0                 # seconds to wait before answering a blob GET
         super().__init__("127.0.0.1", certs, _proxy_handler)
 
     @property
@@ -371,8 +374,10 @@ def _proxy_handler(proxy: LoopbackProxy):
             pass
 
         def _forward(self, method: str):
-            s = Seen(method, self.path, dict(self.headers.items()))
+            s = Seen(method, self.path, dict(self.headers.items()), start=time.monotonic())
             proxy.seen.append(s)
+            if proxy.blob_delay and "/blobs/" in self.path:
+                time.sleep(proxy.blob_delay)
             for sub, n in list(proxy.fail_first.items()):
                 if sub in self.path and n > 0:
                     proxy.fail_first[sub] = n - 1
@@ -420,6 +425,7 @@ def _proxy_handler(proxy: LoopbackProxy):
                 return
             if method != "HEAD":
                 self.wfile.write(body)
+            s.end = time.monotonic()
 
         def do_GET(self):
             self._forward("GET")

@@ -139,6 +139,13 @@ def test_matches_docker(docker_engine, name):
     assert not flat.checks.failed
 
 
+def test_empty_layers_match_docker(docker_engine):
+    # Docker's well-known empty layer is 1024 zero bytes; tarfile calls that an error, we must not
+    layers = [bytes(1024), make_tar(BASE + [T("a", data=b"a")]), bytes(1024), make_tar([T(".wh.a")]), bytes(10240)]
+    ours, theirs, flat = run_case(docker_engine, layers)
+    assert compare(ours, theirs) == [] and "a" not in ours and flat.stats["layers"] == 5
+
+
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
 def test_compressions_match_docker(docker_engine, compression):
     layers = CASES["whiteout-files-and-dirs"] + [[T("z", data=os.urandom(300_000))]]

@@ -30,7 +30,7 @@ import subprocess
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -482,14 +482,6 @@ def sha256_file(path: Path) -> str:
 
 
 # fixtures ----------------------------------------------------------------------------------------------
-@dataclass
-class Pushed:
-    """What the session pushed: images by name with their independent build data."""
-
-    images: dict = field(default_factory=dict)     # name -> BuiltImage
-    index: bytes = b""
-
-
 @pytest.fixture(scope="session")
 def registry_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("registries")

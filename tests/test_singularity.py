@@ -193,3 +193,30 @@ def test_apptainer_runs_the_sif(case, images, sifs, docker_engine):
         want = docker_run(docker_engine, images[case], *args).stdout
         got = subprocess.run([tool, "run", str(sif), *args], capture_output=True)
         assert got.stdout == want, (case, args, got.stderr)
+
+
+@pytest.mark.qemu
+def test_arm64_sif_runs_like_docker(docker_engine, deb_cache, siftool, tmp_path):
+    """An arm64 image (busybox-static:arm64), run through qemu-user binfmt by both engines."""
+    from conftest import REQUIRE_ALL
+    from dockertools import busybox_image
+
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        msg = "qemu-aarch64 binfmt is not enabled (run scripts/setup-system.sh)"
+        pytest.fail(msg) if REQUIRE_ALL else pytest.skip(msg)
+    img = busybox_image("arm64", deb_cache, config={"Entrypoint": ["sh", "-c", 'printf "[%s]\\n" "$(uname -m)" "$@"',
+                                                                   "arg0"],
+                                                    "Cmd": ["a b", "$HOME"], "Env": ["PATH=/bin", "X=arm"]})
+    tag = docker_engine.load(img, "hpcconv-test/sing-arm64:1")
+    out = tmp_path / "arm.sif"
+    env = {"DOCKER_HOST": docker_engine.host, "HPCCONV_STORE": str(tmp_path / "store")}
+    hpcconv("-q", "convert", f"docker-daemon:{tag}", "--platform", "linux/arm64", "--target", "singularity",
+            "-o", str(out), env=env)
+    assert "arm64" in sift(siftool, "list", str(out))
+    part = tmp_path / "arm.sqfs"
+    part.write_bytes(sift(siftool, "dump", "4", str(out), binary=True))
+    for args in ([], ["x y", "$X", ""]):
+        want = docker_engine.run("run", "--rm", "--network", "none", "--platform", "linux/arm64", tag, *args)
+        got = ch_run(part, "/.singularity.d/actions/run", *args)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == want.stdout and want.stdout.startswith(b"[aarch64]\n")

@@ -341,6 +341,7 @@ class SingularityFixups:
 
     def __init__(self, image: Image, checks: Checks, when: int):
         self.image = image
+        self.when = when                  # mtime of what we add: the build time (SOURCE_DATE_EPOCH)
         self.checks = checks
         self.changes = Changes()
         self.env_sh = env_script(image.config)
@@ -401,15 +402,17 @@ class SingularityFixups:
             if self._missing(d):
                 self.seen[d] = DIR
                 self.changes.hit("added-dir", "Apptainer directories and mount points added", d)
-                yield Entry(d, DIR, 0o755, 0, 0, 0, uname="root", gname="root")
+                yield Entry(d, DIR, 0o755, 0, 0, self.when, uname="root", gname="root")
             elif self.seen.get(d) != DIR and d not in ("var/tmp", "tmp"):
                 blocked.append(f"/{d} is a {self.seen.get(d, 'missing parent')}, not a directory")
         for p, (text, mode) in self.files.items():
             data = text.encode()
-            yield Entry(p, FILE, mode, 0, 0, 0, size=len(data), uname="root", gname="root", reader=io.BytesIO(data))
+            yield Entry(p, FILE, mode, 0, 0, self.when, size=len(data), uname="root", gname="root",
+                        reader=io.BytesIO(data))
         for p in EMPTY_FILES:
             if self._missing(p) or p in self._dropped:
-                yield Entry(p, FILE, 0o644, 0, 0, 0, size=0, uname="root", gname="root", reader=io.BytesIO(b""))
+                yield Entry(p, FILE, 0o644, 0, 0, self.when, size=0, uname="root", gname="root",
+                            reader=io.BytesIO(b""))
             elif self.seen.get(p) == SYMLINK:
                 self.checks.add(STAGE, f"/{p}", WARN, f"/{p} is a symlink in the image; the runtime may not be "
                                 "able to bind the host's file onto it")
@@ -418,7 +421,7 @@ class SingularityFixups:
                 if self.seen[name] != SYMLINK:
                     blocked.append(f"/{name} is a {self.seen[name]} in the image and was kept")
                 continue
-            yield Entry(name, SYMLINK, 0o777, 0, 0, 0, linkname=target, uname="root", gname="root")
+            yield Entry(name, SYMLINK, 0o777, 0, 0, self.when, linkname=target, uname="root", gname="root")
         self.checks.add(STAGE, "apptainer layout", WARN if blocked else PASS,
                         "; ".join(blocked) if blocked else
                         f"/{SD} (runscript, env, actions, labels.json), links and mount points in place")

@@ -56,3 +56,22 @@ def test_trust_adds_extra_ca_to_base(tmp_path, monkeypatch):
     assert Trust(None).bundle == str(extra)
     with pytest.raises(NetworkError):
         Trust(str(tmp_path / "missing.pem"))
+
+
+def test_token_realm_checks():
+    """Where tokens (and the Basic credentials for them) may be fetched from; no network involved."""
+    from hpcconv.errors import AuthError
+    from hpcconv.reference import parse
+    from hpcconv.registry.client import RegistryClient
+
+    with RegistryClient(parse("127.0.0.1:5000/a/b")) as c:
+        c._check_realm("https://auth.example.org/token?x=1")
+        c._check_realm("https://127.0.0.1:5001/token")           # the registry's own host, another port
+        for bad in ("http://auth.example.org/token", "http://127.0.0.1:5001/token", "https://10.1.2.3/token",
+                    "https://127.0.0.2/token", "https://169.254.169.254/latest", "ftp://x/y", "token"):
+            with pytest.raises(AuthError):
+                c._check_realm(bad)
+    with RegistryClient(parse("127.0.0.1:5000/a/b"), insecure=True) as c:
+        c._check_realm("http://127.0.0.1:5001/token")            # --insecure: plain HTTP on that host only
+        with pytest.raises(AuthError):
+            c._check_realm("http://auth.example.org/token")

@@ -7,7 +7,10 @@
 * Trust: `REQUESTS_CA_BUNDLE`, else `SSL_CERT_FILE`, else certifi is the base bundle; `--ca-cert`
   adds to it (a combined bundle is written to a private temp file).
 * Retries: 429/500/502/503/504 and connection errors, exponential backoff with jitter, honouring
-  `Retry-After` (seconds or an HTTP date), bounded attempts. TLS errors are not retried.
+  `Retry-After` (seconds or an HTTP date), bounded attempts. TLS errors are not retried; a refused
+  connection or unknown host is retried once.
+* Knobs (environment): HPCCONV_HTTP_ATTEMPTS (5), HPCCONV_BACKOFF_BASE (0.5 s),
+  HPCCONV_CONNECT_TIMEOUT (30 s), HPCCONV_READ_TIMEOUT (120 s).
 """
 
 from __future__ import annotations

@@ -54,6 +54,10 @@ class Pass:
     def finish(self, profile) -> Checks:
         return Checks()
 
+    def facts(self) -> dict:
+        """What the pass found, JSON-able, for `inspect` (no profile needed)."""
+        return {}
+
 
 class _TeeReader(io.RawIOBase):
     """Replays ``head`` then continues from ``reader``; everything read past the head is fed to scanners."""
@@ -179,6 +183,9 @@ class PassRunner:
         for _ in self.transform(entries):
             pass
         return self.finish()
+
+    def facts(self) -> dict:
+        return {p.name: p.facts() for p in self.passes}
 
     def finish(self) -> Checks:
         checks = Checks()

@@ -57,6 +57,13 @@ class ElfPass(Pass):
             if p > 1:
                 self.probable.setdefault(p, []).append(entry.path)
 
+    def facts(self) -> dict:
+        return {"elf_files": self.count,
+                "machines": {k: len(v) for k, v in sorted(self.machines.items())},
+                "isa_needed": f"x86-64-v{max(self.needed)}" if self.needed else None,
+                "isa_probable": f"x86-64-v{max(self.probable)}" if self.probable else None,
+                "hwcaps": sorted(self.hwcaps)}
+
     def finish(self, profile) -> Checks:
         c = Checks()
         if not self.count:

@@ -81,6 +81,12 @@ class FabricPass(Pass):
             parts.append("libcxi")
         return ", ".join(parts) or "no high-speed fabric libraries (TCP only)"
 
+    def facts(self) -> dict:
+        return {"summary": self.summary(), "psm2": "psm2" in self.have, "ibverbs": "ibverbs" in self.have,
+                "verbs_providers": sorted(self.verbs_providers), "ucx": "ucx" in self.have,
+                "ucx_ib": "ucx_ib" in self.have, "libfabric": "libfabric" in self.have,
+                "libfabric_providers": sorted(self.fi_providers), "libcxi": "cxi" in self.have}
+
     def finish(self, profile) -> Checks:
         c = Checks()
         found = self.summary()

@@ -84,6 +84,11 @@ class GlibcPass(Pass):
         vs = {s.version for s in self.banners if s.version} | self.from_names
         return max(vs, key=vtuple) if vs else None
 
+    def facts(self) -> dict:
+        v = self.version
+        return {"libc": "glibc" if v or self.has_libc6 else ("musl" if self.musl else None), "version": v,
+                "min_kernel": ".".join(map(str, self.min_kernel)) if self.min_kernel else None}
+
     def finish(self, profile) -> Checks:
         c = Checks()
         v = self.version

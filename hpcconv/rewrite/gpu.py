@@ -78,6 +78,14 @@ class GpuPass(Pass):
     def cuda_version(self) -> tuple[tuple[int, int, int], str] | None:
         return max(self.cudart) if self.cudart else None
 
+    def facts(self) -> dict:
+        cuda = self.cuda_version()
+        return {"cuda": ".".join(map(str, cuda[0])) if cuda else None,
+                "cuda_compat": sorted(v for v, _ in self.compat),
+                "rocm": max(self.rocm_dirs, key=_v) if self.rocm_dirs else None,
+                "hip_soname_major": max(self.hip)[0][0] if self.hip else None,
+                "driver_libs": ["/" + p for p in self.driver_libs]}
+
     def finish(self, profile) -> Checks:
         c = Checks()
         cuda = self.cuda_version()

@@ -95,6 +95,10 @@ class MpiPass(Pass):
             out.append(Found("mpi-abi", f"libmpi_abi.so.{v[0]}", v, p, "MPI standard ABI"))
         return out
 
+    def facts(self) -> dict:
+        return {"found": [{"family": f.family, "soname": f.soname, "version": ".".join(map(str, f.version)),
+                           "implementation": f.implementation, "path": "/" + f.path} for f in self.detect()]}
+
     def finish(self, profile) -> Checks:
         c = Checks()
         found = self.detect()

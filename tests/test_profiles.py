@@ -3,7 +3,6 @@ extends composes in order with deep merge, append lists and cycle detection; loo
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

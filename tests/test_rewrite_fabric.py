@@ -13,6 +13,11 @@ LIBFABRIC = [real("libfabric.so.1")]       # Debian's: psm2, verbs, efa built in
 VERBS = [real("libibverbs.so.1"), real("libmlx5-rdmav34.so", f"{CLIBDIR}/libibverbs", f"{LIBDIR}/libibverbs"),
          ("bytes", "etc/libibverbs.d/mlx5.driver", b"driver mlx5\n")]
 UCX = [real("libucp.so.0"), real("libuct_ib.so.0", f"{CLIBDIR}/ucx", f"{LIBDIR}/ucx")]
+MCA_DIR = f"{LIBDIR}/openmpi/lib/openmpi3"
+
+
+def mca(*names):
+    return [real(f"mca_{n}.so", f"{CLIBDIR}/openmpi/lib/openmpi3", MCA_DIR) for n in names]
 
 
 def checks(spec, profile=None):
@@ -57,3 +62,13 @@ def test_tcp_site_and_env():
     assert checks(OPENMPI, "generic-x86-64")["fabric.support"].status == "pass"
     env = checks(OPENMPI + PSM2, "supermuc-ng")
     assert "fabric.env" not in env      # supermuc-ng's env is MPI env (mpi.env), not interconnect.env
+
+
+def test_open_mpi_components_decide():
+    """Debian's Open MPI components as DSOs: without a psm2/ofi MTL (or a UCX PML on IB) it uses TCP."""
+    assert checks(OPENMPI + PSM2 + mca("btl_tcp", "mtl_psm2"), "supermuc-ng")["fabric.support"].status == "pass"
+    w = checks(OPENMPI + PSM2 + mca("btl_tcp", "pml_ob1"), "supermuc-ng")["fabric.support"]
+    assert w.status == "warn" and "mca_mtl_psm2" in w.detail and "--with-psm2" in w.detail
+    assert checks(OPENMPI + VERBS + UCX + mca("pml_ucx"), "juwels-booster")["fabric.support"].status == "pass"
+    w = checks(OPENMPI + VERBS + UCX + mca("btl_tcp", "pml_ob1"), "juwels-booster")["fabric.support"]
+    assert w.status == "warn" and "--with-ucx" in w.detail

@@ -4,7 +4,7 @@ from ELF ABI notes against the site kernel, glibc floor for host-library injecti
 from __future__ import annotations
 
 import pytest
-from rewritetools import CLIBDIR, by_name, real, run_passes
+from rewritetools import by_name, real, run_passes
 
 from hpcconv.profiles import load_profile
 from hpcconv.rewrite.glibc import GlibcPass

@@ -89,3 +89,17 @@ def test_driver_comparison_and_table():
     assert driver_ok("550", "550.54.14") and not driver_ok("545", "550.54.14")
     assert driver_ok("550.54.15", "550.54.14") and not driver_ok("550.54.13", "550.54.14")
     assert TOOLKIT_DRIVER[(12, 4)] == "550.54.14" and TOOLKIT_DRIVER[(11, 8)] == "520.61.05"
+
+
+def test_cuda_version_from_env_and_version_files(tmp_path):
+    d470 = site(tmp_path, "d470b", '[gpu]\ndriver = "470.82.01"')
+    # nvidia/cuda base images declare CUDA_VERSION in the config: it wins over file names
+    c = by_name(run_passes([("bytes", "etc/motd", b"x")], d470, [GpuPass(["PATH=/bin", "CUDA_VERSION=11.4.3"])]))
+    assert c["gpu.cuda"].status == "pass" and "image env CUDA_VERSION" not in c["gpu.cuda"].detail
+    c = by_name(run_passes([("bytes", "etc/motd", b"x")], d470, [GpuPass(["CUDA_VERSION=12.8.1"])]))
+    assert c["gpu.cuda"].status == "fail" and "(image env CUDA_VERSION)" in c["gpu.cuda"].detail
+    vj = b'{"cuda": {"name": "CUDA SDK", "version": "13.0.2"}, "cuda_cudart": {"version": "13.0.96"}}'
+    c = checks([("bytes", "usr/local/cuda-13.0/version.json", vj)], d470)
+    assert c["gpu.cuda"].status == "fail" and "CUDA 13.0.2 (/usr/local/cuda-13.0/version.json)" in c["gpu.cuda"].detail
+    c = checks([("bytes", "usr/local/cuda-10.2/version.txt", b"CUDA Version 10.2.89\n")], d470)
+    assert c["gpu.cuda"].status == "pass" and "10.2.89" in c["gpu.cuda"].detail

@@ -8,19 +8,19 @@ passes observe and report checks (stage "rewrite"); they do not modify entries y
 from __future__ import annotations
 
 
-def default_passes():
-    """A fresh instance of every detection pass, in report order."""
+def default_passes(config_env: list[str] | None = None):
+    """A fresh instance of every detection pass, in report order (``config_env``: the image config's Env)."""
     from .elf import ElfPass
     from .fabric import FabricPass
     from .glibc import GlibcPass
     from .gpu import GpuPass
     from .mpi import MpiPass
 
-    return [ElfPass(), GlibcPass(), MpiPass(), FabricPass(), GpuPass()]
+    return [ElfPass(), GlibcPass(), MpiPass(), FabricPass(), GpuPass(config_env)]
 
 
-def check_entries(entries, profile=None):
+def check_entries(entries, profile=None, config_env: list[str] | None = None):
     """Run every detection pass over an entry stream (consuming it) and return the checks."""
     from .base import PassRunner
 
-    return PassRunner(default_passes(), profile).run(entries)
+    return PassRunner(default_passes(config_env), profile).run(entries)

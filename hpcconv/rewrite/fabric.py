@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from ..entries import DIR, Entry
-from ..harness.checks import PASS, SKIP, WARN, Checks
+from ..harness.checks import PASS, WARN, Checks
 from .base import Pass
 
 _PATTERNS = {
@@ -18,9 +18,12 @@ _PATTERNS = {
     "ucx_ib": re.compile(r"(^|/)ucx/libuct_ib\.so\.0(\.|$)"),
     "libfabric": re.compile(r"(^|/)libfabric\.so\.1(\.|$)"),
     "cxi": re.compile(r"(^|/)libcxi\.so\.1(\.|$)"),
-    "ompi_psm2": re.compile(r"(^|/)openmpi/mca_mtl_psm2\.so$"),
-    "ompi_ofi": re.compile(r"(^|/)openmpi/mca_mtl_ofi\.so$"),
-    "ompi_ucx": re.compile(r"(^|/)openmpi/mca_pml_ucx\.so$"),
+    "ompi_psm2": re.compile(r"(^|/)openmpi\d*/mca_mtl_psm2\.so$"),
+    "ompi_ofi": re.compile(r"(^|/)openmpi\d*/mca_mtl_ofi\.so$"),
+    "ompi_ucx": re.compile(r"(^|/)openmpi\d*/mca_pml_ucx\.so$"),
+    "ompi_openib": re.compile(r"(^|/)openmpi\d*/mca_btl_openib\.so$"),
+    # any Open MPI network component as a DSO: components are built as plug-ins, so a missing one is missing
+    "ompi_dso": re.compile(r"(^|/)openmpi\d*/mca_(mtl|pml|btl)_\w+\.so$"),
 }
 _VERBS_PROVIDER = re.compile(r"(^|/)libibverbs/lib([\w-]+?)-rdmav(\d+)\.so$")
 _VERBS_DRIVER = re.compile(r"(^|/)etc/libibverbs\.d/([\w-]+)\.driver$")
@@ -100,7 +103,12 @@ class FabricPass(Pass):
         host_mpi = profile.mpi.mode == "host"
         if fabric == "omnipath":
             ok = "psm2" in self.have or {"psm2", "opx"} & set(self.fi_providers)
-            if ok:
+            if ok and "ompi_dso" in self.have and not {"ompi_psm2", "ompi_ofi"} & set(self.have):
+                c.add(self.stage, "fabric.support", WARN,
+                      f"the image has Omni-Path libraries ({found}) but its Open MPI has no psm2 or ofi MTL "
+                      "component (mca_mtl_psm2.so / mca_mtl_ofi.so): it will use TCP; rebuild Open MPI with "
+                      "--with-psm2 or --with-ofi")
+            elif ok:
                 c.add(self.stage, "fabric.support", PASS, f"Omni-Path user space in the image: {found}")
             else:
                 # also with host-MPI injection: the notes' recipe is libpsm2 in the image + host Intel MPI
@@ -113,7 +121,12 @@ class FabricPass(Pass):
         elif fabric == "infiniband":
             providers = self.verbs_providers & _IB_PROVIDERS
             transport = "ucx_ib" in self.have or "verbs" in self.fi_providers
-            if "ibverbs" in self.have and providers and transport:
+            ompi_ib = not ("ompi_dso" in self.have and not {"ompi_ucx", "ompi_openib", "ompi_ofi"} & set(self.have))
+            if "ibverbs" in self.have and providers and transport and not ompi_ib:
+                c.add(self.stage, "fabric.support", WARN,
+                      f"the image has InfiniBand libraries ({found}) but its Open MPI has no UCX, openib or ofi "
+                      "component (mca_pml_ucx.so ...): it will use TCP; rebuild Open MPI with --with-ucx")
+            elif "ibverbs" in self.have and providers and transport:
                 c.add(self.stage, "fabric.support", PASS, f"InfiniBand user space in the image: {found}")
             elif host_mpi:
                 c.add(self.stage, "fabric.support", PASS,

@@ -25,6 +25,8 @@ TOOLKIT_DRIVER = {
 # CUDA major -> lowest driver for minor-version compatibility (none before CUDA 11)
 MINOR_COMPAT_MIN = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
 
+_VERSION_JSON = re.compile(r"(^|/)usr/local/cuda[^/]*/version\.json$")
+_VERSION_TXT = re.compile(r"(^|/)usr/local/cuda[^/]*/version\.txt$")
 _CUDART = re.compile(r"(^|/)libcudart\.so\.(\d+)\.(\d+)(?:\.(\d+))?$")
 _COMPAT = re.compile(r"(^|/)compat/libcuda\.so\.(\d+(?:\.\d+)+)$")
 _DRIVER_LIB = re.compile(r"(^|/)(libcuda|libnvidia-ml|libnvidia-ptxjitcompiler)\.so\.(\d+\.\d+(?:\.\d+)?)$")
@@ -36,16 +38,33 @@ def _v(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split("."))
 
 
+def _where(path: str) -> str:
+    return path if path.startswith(("/", "image ")) else "/" + path
+
+
 def driver_ok(host: str, need: str) -> bool:
     """host >= need, comparing only as many components as the host gives (a profile may say '550')."""
     h = _v(host)
     return h >= _v(need)[:len(h)]
 
 
+def _cuda_tuple(s: str) -> tuple[int, int, int] | None:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", s.strip())
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
+
+
 class GpuPass(Pass):
+    """``config_env``: the image config's Env (``KEY=VALUE`` strings); CUDA_VERSION there (set by
+    nvidia/cuda base images) is the most reliable probe, then version.json/.txt, then libcudart names."""
+
     name = "gpu"
 
-    def __init__(self):
+    def __init__(self, config_env: list[str] | None = None):
+        self.declared: list[tuple[tuple[int, int, int], str]] = []     # from env and version files
+        for kv in config_env or []:
+            k, _, v = kv.partition("=")
+            if k == "CUDA_VERSION" and _cuda_tuple(v):
+                self.declared.append((_cuda_tuple(v), "image env CUDA_VERSION"))
         self.cudart: list[tuple[tuple[int, int, int], str]] = []
         self.compat: list[tuple[str, str]] = []
         self.driver_libs: list[str] = []
@@ -59,6 +78,20 @@ class GpuPass(Pass):
                 self.rocm_dirs.add(m.group(2))
             return None
         p = entry.path
+        if head is not None and entry.size and len(head) >= entry.size:
+            if _VERSION_JSON.search(p):
+                import json
+
+                try:
+                    v = _cuda_tuple(str(json.loads(head)["cuda"]["version"]))
+                except (ValueError, KeyError, TypeError):
+                    v = None
+                if v:
+                    self.declared.append((v, f"/{p}"))
+            elif _VERSION_TXT.search(p):
+                m = re.search(rb"CUDA Version (\d+\.\d+(?:\.\d+)?)", head)
+                if m:
+                    self.declared.append((_cuda_tuple(m.group(1).decode()), f"/{p}"))
         m = _CUDART.search(p)
         if m:
             self.cudart.append(((int(m.group(2)), int(m.group(3)), int(m.group(4) or 0)), p))
@@ -76,6 +109,9 @@ class GpuPass(Pass):
         return None
 
     def cuda_version(self) -> tuple[tuple[int, int, int], str] | None:
+        """(version, where it was found): declared (env, version files) first, else the newest libcudart."""
+        if self.declared:
+            return self.declared[0]
         return max(self.cudart) if self.cudart else None
 
     def facts(self) -> dict:
@@ -98,10 +134,10 @@ class GpuPass(Pass):
             (maj, mnr, patch), path = cuda
             ver = f"{maj}.{mnr}" + (f".{patch}" if patch else "")
             if profile is None:
-                c.add(self.stage, "gpu.cuda", PASS, f"CUDA runtime {ver} (/{path})")
+                c.add(self.stage, "gpu.cuda", PASS, f"CUDA runtime {ver} ({_where(path)})")
             elif vendor != "nvidia":
                 c.add(self.stage, "gpu.cuda", WARN,
-                      f"the image carries a CUDA runtime {ver} (/{path}) but the site has no NVIDIA GPU "
+                      f"the image carries a CUDA runtime {ver} ({_where(path)}) but the site has no NVIDIA GPU "
                       f"(gpu.vendor = {vendor})")
             else:
                 c.items.append(self._cuda_check(maj, mnr, ver, path, profile))
@@ -118,10 +154,10 @@ class GpuPass(Pass):
         need = TOOLKIT_DRIVER.get((maj, mnr))
         mk = lambda status, detail: Check(self.stage, "gpu.cuda", status, detail)  # noqa: E731
         if host is None:
-            return mk(SKIP, f"CUDA {ver} (/{path}) needs driver >= {need or 'unknown'}; the site's driver is "
+            return mk(SKIP, f"CUDA {ver} ({_where(path)}) needs driver >= {need or 'unknown'}; the site's driver is "
                             f"unknown (gpu.driver in profile {profile.name}): check /proc/driver/nvidia/version")
         if need is None:
-            return mk(WARN, f"CUDA {ver} (/{path}) is not in the driver table; site driver {host}")
+            return mk(WARN, f"CUDA {ver} ({_where(path)}) is not in the driver table; site driver {host}")
         if driver_ok(host, need):
             return mk(PASS, f"CUDA {ver} needs driver >= {need}, the site has {host}")
         floor = MINOR_COMPAT_MIN.get(maj)
@@ -140,7 +176,7 @@ class GpuPass(Pass):
         best = max(((k, d) for k, d in TOOLKIT_DRIVER.items() if driver_ok(host, d)), default=None)
         hint = (f"rebuild on a CUDA {best[0][0]}.{best[0][1]} (or older) base image" if best else
                 "the site's driver is older than any CUDA this table knows")
-        return mk(FAIL, f"CUDA {ver} (/{path}) needs driver >= {need}"
+        return mk(FAIL, f"CUDA {ver} ({_where(path)}) needs driver >= {need}"
                         + (f" (or >= {floor} with minor-version compatibility)" if floor else "")
                         + f"; the site's driver is {host}: the runtime fails with 'driver too old'; {hint}")
 

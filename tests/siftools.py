@@ -128,7 +128,8 @@ def tar_tree(data: bytes) -> dict[str, dict]:
                     else "file" if ti.isfile() else "char" if ti.ischr() else "block" if ti.isblk()
                     else "fifo" if ti.isfifo() else "other")
             d = {"type": kind, "mode": ti.mode & 0o7777, "uid": ti.uid, "gid": ti.gid, "mtime": int(ti.mtime),
-                 "link": ti.linkname if kind in ("symlink", "hardlink") else ""}
+                 "link": ti.linkname if kind in ("symlink", "hardlink") else "",
+                 "xattrs": {k: v for k, v in ti.pax_headers.items() if k.startswith("SCHILY.xattr.")}}
             if kind == "file":
                 d["sha256"] = hashlib.sha256(tf.extractfile(ti).read()).hexdigest()
             out[name] = d

@@ -27,7 +27,14 @@ def multilayer(busybox_amd64, deb_cache, tmp_path_factory):
                     T("opt/app/run", data=b"#!/bin/sh\necho run\n", mode=0o700),
                     T("opt/app/link", "hard", link="opt/app/data"), T("etc/shadow", data=b"root:*:1::::::\n", mode=0o600),
                     T(".singularity.d", "dir"), T(".singularity.d/runscript", data=b"#!/bin/sh\necho stale\n", mode=0o755),
-                    T("singularity", "sym", link="/somewhere/else")])
+                    T("singularity", "sym", link="/somewhere/else"),
+                    # names and attributes the tar -> squashfs path must keep
+                    T("odd", "dir"), T("odd/sp ace", data=b"1"), T("odd/new\nline", data=b"2"),
+                    T("odd/\udcff\udcfebin", data=b"3"), T("odd/\u00fcn\u00efcode", data=b"4"), T("odd/" + "d" * 120, "dir"),
+                    T("odd/" + "d" * 120 + "/" + "f" * 150, data=b"5"), T("odd/longlink", "sym", link="x" * 300),
+                    T("odd/hl", "hard", link="odd/sp ace"), T("odd/bigid", data=b"6", uid=3000000, gid=3000001),
+                    T("odd/suid", data=b"7", mode=0o4755), T("odd/fifo", "fifo"), T("odd/null", "char", major=1, minor=3),
+                    T("odd/xa", data=b"8", pax={"SCHILY.xattr.user.k": "v"})])
     top = make_tar([T("opt/app/.wh.run"), T("opt/app/new", data=b"new\n", mode=0o644), T("etc/hosts", data=b"1.2.3.4 x\n")])
     img = build_image([busybox_layer("amd64", deb_cache), app, top],
                       config={"Entrypoint": ["/bin/echo"], "Cmd": ["hello"], "Labels": {"a": "<b&c>"}})
@@ -113,11 +120,19 @@ def _resolve_hardlinks(tree: dict) -> dict:
     return out
 
 
-def test_partition_tree_matches_flattened_rootfs(siftool, multilayer, tmp_path, store_dir):
+@pytest.mark.parametrize("epoch", ["0", None])
+def test_partition_tree_matches_flattened_rootfs(siftool, multilayer, tmp_path, store_dir, epoch, monkeypatch):
+    """Same paths, types, owners, contents, link targets, xattrs; modes only gain a+rX; mtimes are
+    kept, except that SOURCE_DATE_EPOCH clamps newer ones (mksquashfs's rule, as under Apptainer)."""
     layout, _ = multilayer
     src = f"oci:{layout}:v1"
     out = tmp_path / "img.sif"
-    convert(src, out)
+    if epoch is None:
+        monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+        hpcconv("-q", "convert", src, "--target", "singularity", "-o", str(out),
+                env={"SOURCE_DATE_EPOCH": ""})
+    else:
+        convert(src, out, env={"SOURCE_DATE_EPOCH": epoch})
     dumped = tmp_path / "part.sqfs"
     dumped.write_bytes(sift(siftool, "dump", "4", str(out), binary=True))
     got = _resolve_hardlinks(squashfs_tree(dumped))
@@ -133,6 +148,8 @@ def test_partition_tree_matches_flattened_rootfs(siftool, multilayer, tmp_path, 
         assert (g["uid"], g["gid"]) == (d["uid"], d["gid"]), p
         assert g["link"] == d["link"] or d["type"] != "symlink", p
         assert g.get("sha256") == d.get("sha256"), p
+        assert g["xattrs"] == d["xattrs"], p
+        assert g["mtime"] == (d["mtime"] if epoch is None else min(d["mtime"], int(epoch))), p
         if d["type"] in ("file", "dir") and p != "etc/shadow":
             # a+rX: world-readable, directories/executables world-searchable; nothing else changes
             want = d["mode"] | 0o444 | (0o111 if d["type"] == "dir" or d["mode"] & 0o111 else 0)

@@ -331,10 +331,10 @@ def epoch() -> int | None:
     v = os.environ.get("SOURCE_DATE_EPOCH")
     if v is None or v == "":
         return None
-    try:
-        return int(v)
-    except ValueError:
-        raise UsageError(f"SOURCE_DATE_EPOCH={v!r} is not an integer") from None
+    if not v.isdigit() or int(v) >= 1 << 32:
+        raise UsageError(f"SOURCE_DATE_EPOCH={v!r} is not a time in seconds since 1970",
+                         hint="use a non-negative integer, e.g. $(git log -1 --format=%ct)")
+    return int(v)
 
 
 def mksquashfs_command(out: Path, offset: int, compression: str, level: int | None, block_size: int) -> list[str]:
@@ -355,9 +355,14 @@ def mksquashfs_command(out: Path, offset: int, compression: str, level: int | No
 def _squashfs_into(entries: Iterable[Entry], tmp: Path, offset: int, compression: str, level: int | None,
                    block_size: int, reporter: Reporter, label: str) -> int:
     cmd = mksquashfs_command(tmp, offset, compression, level, block_size)
+    env = dict(os.environ)
+    env.pop("SOURCE_DATE_EPOCH", None)          # mksquashfs reads an empty value as 0
+    when = epoch()
+    if when is not None:
+        env["SOURCE_DATE_EPOCH"] = str(when)
     dropped: list[str] = []
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env)
         n = 0
         try:
             n = sinks._write_tar_to(sinks._sqfs_entries(entries, dropped), proc.stdin, None, None, reporter,

@@ -131,9 +131,9 @@ class Registry:
             cfg["auth"] = self.auth
         cfg.update(self.extra)
         (self.root / "config.yml").write_text(json.dumps(cfg))   # JSON is YAML
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([exe, "serve", str(self.root / "config.yml")], stdout=logf, stderr=logf,
-                                     env=clean_env(), start_new_session=True)
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen([exe, "serve", str(self.root / "config.yml")], stdout=logf, stderr=logf,
+                                         env=clean_env(), start_new_session=True)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 30:
             if self.proc.poll() is not None:

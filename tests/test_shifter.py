@@ -199,3 +199,20 @@ def test_shifter_runs_the_image(shifter_image):
         pytest.skip("shifter is not installed (not installable here); the image is run by ch-run instead")
     pytest.skip("running through Shifter needs the image in the site's imagePath (root, udiRoot.conf); "
                 f"install the files as the note says and run: {shifter_image[2]['run']}")
+
+
+def test_image_without_path_gets_dockers_default(tmp_path, store_dir):
+    """docker run gives an image without PATH Docker's default one; the meta says so explicitly
+    (Shifter would otherwise keep the host's PATH)."""
+    from dockertools import busybox_layer
+    from ocitools import build_image, image_layout
+
+    img = build_image([busybox_layer("amd64", WORK / "debs")], config={"Env": ["A=1"], "Cmd": ["sh"]})
+    assert json.loads(img.config)["config"]["Env"] == ["A=1"]
+    d = image_layout(tmp_path / "nopath", img)
+    res = json.loads(hpcconv("--json", "convert", f"oci:{d}", "--target", "shifter", "-o", str(tmp_path / "o"),
+                             "--compression", "zstd").stdout)
+    meta = read_meta((tmp_path / "o" / f"{res['shifter_id']}.meta").read_text())
+    assert meta["ENV"] == ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "A=1"]
+    comp = [c for c in res["checks"] if c["name"] == "compression"][0]
+    assert comp["status"] == "warn" and "zstd" in comp["detail"]

@@ -39,12 +39,13 @@ from ..image import Image, ImageConfig
 from ..progress import NULL, Reporter
 from . import sinks
 from .charliecloud import EmitResult
-from .singularity import Changes, fix_readable
+from .singularity import Changes, compression_check, fix_readable
 
 STAGE = "emit"
 MOUNT_DIRS = ["etc", "var", "opt", "tmp", "proc", "sys", "dev", "home"]
 ETC_BIG = 5 << 20
 ID_PREFIX = "hpcconv-"
+DOCKER_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass
@@ -78,7 +79,12 @@ def meta_text(config: ImageConfig, checks: Checks | None = None) -> str:
             problems.append(f"WORKDIR {wd!r} left out: the meta parser would alter it")
         else:
             lines.append(f"WORKDIR: {wd}")
-    for item in config.env:
+    env = list(config.env)
+    if not any(item.startswith("PATH=") for item in env):
+        # docker run gives such an image Docker's default PATH; Shifter would leave the host's
+        env.insert(0, "PATH=" + DOCKER_DEFAULT_PATH)
+        problems.append("the image sets no PATH: Docker's default PATH written, as docker run uses it")
+    for item in env:
         if "\n" in item or "\r" in item:
             problems.append(f"ENV {item.split('=', 1)[0]} left out: its value holds a newline")
             continue
@@ -185,6 +191,7 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str | Non
         raise UsageError(f"directory {out.parent} for the output does not exist")
     out.mkdir(exist_ok=True)
     checks = Checks()
+    compression_check(compression, checks, "Shifter mounts the image with the kernel's squashfs driver")
     meta = meta_text(image.config, checks).encode()
     fix = ShifterFixups(checks)
     tmp = out / f".hpcconv-shifter-{os.getpid()}-{secrets.token_hex(4)}.squashfs"

@@ -440,6 +440,14 @@ def environment_checks(config: ImageConfig, checks: Checks) -> None:
                    "(it runs as the calling user in the current directory); use --pwd for WORKDIR")
 
 
+def compression_check(compression: str, checks: Checks, who: str) -> None:
+    if compression == "gzip":
+        checks.add(STAGE, "compression", PASS, "gzip: mountable by every kernel and squashfuse")
+    else:
+        checks.add(STAGE, "compression", WARN, f"{compression}: {who}; kernels before 4.14 (or built without "
+                   f"SQUASHFS_{compression.upper()}) and older squashfuse builds cannot read it; gzip is the safe choice")
+
+
 def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str = "sif", compression: str = "gzip",
          reporter: Reporter = NULL, force: bool = False, level: int | None = None,
          block_size: int = sinks.BLOCK_SIZE) -> EmitResult:
@@ -453,6 +461,8 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str = "si
     when = sif.epoch()
     when = int(time.time()) if when is None else when
     checks = Checks()
+    if fmt == "sif":
+        compression_check(compression, checks, "Apptainer mounts SIF partitions with the kernel or squashfuse")
     environment_checks(image.config, checks)
     fix = SingularityFixups(image, checks, when)
     stream = fix.transform(entries)

@@ -85,6 +85,7 @@ class ElfScanner:
         self.entry, self._done = entry, done
         self.info = ElfInfo(entry.path)
         self._ranges: list[tuple[str, int, int]] = []     # (what, start, end) to capture
+        self._note_align: dict[int, int] = {}               # note segment offset -> p_align
         self._captured: dict[tuple[str, int], bytearray] = {}
         self._exec: list[tuple[int, int]] = []
         self._x86 = None
@@ -121,9 +122,9 @@ class ElfScanner:
         for i in range(phnum):
             o = phoff + i * phentsize
             if cls == 2:
-                ptype, flags, off, vaddr, _pa, filesz, _memsz, _al = struct.unpack_from(e + "IIQQQQQQ", h, o)
+                ptype, flags, off, vaddr, _pa, filesz, _memsz, align = struct.unpack_from(e + "IIQQQQQQ", h, o)
             else:
-                ptype, off, vaddr, _pa, filesz, _memsz, flags, _al = struct.unpack_from(e + "IIIIIIII", h, o)
+                ptype, off, vaddr, _pa, filesz, _memsz, flags, align = struct.unpack_from(e + "IIIIIIII", h, o)
             if ptype == PT_LOAD:
                 self._loads.append((vaddr, off, filesz, flags))
                 if first_load is None:
@@ -132,9 +133,16 @@ class ElfScanner:
                     self._exec.append((off, off + filesz))
             elif ptype in (PT_NOTE, PT_GNU_PROPERTY, PT_INTERP, PT_DYNAMIC) and filesz:
                 name = {PT_NOTE: "note", PT_GNU_PROPERTY: "note", PT_INTERP: "interp", PT_DYNAMIC: "dynamic"}[ptype]
+                if name == "note":
+                    self._note_align[off] = 8 if align == 8 else 4
                 self._ranges.append((name, off, off + min(filesz, SEGMENT_CAP)))
         if first_load is not None and first_load[0] == 0:
             self._ranges.append(("prefix", 0, min(first_load[1], PREFIX_CAP)))
+        # one range per (what, start): PT_GNU_PROPERTY repeats a PT_NOTE; keep the longer
+        merged: dict[tuple[str, int], int] = {}
+        for what, a, b in self._ranges:
+            merged[(what, a)] = max(b, merged.get((what, a), b))
+        self._ranges = [(w, a, b) for (w, a), b in merged.items()]
 
     # Scanner interface --------------------------------------------------------------------------
     def feed(self, offset: int, data: bytes) -> None:
@@ -165,31 +173,33 @@ class ElfScanner:
     def _finish(self) -> None:
         e = self._e if hasattr(self, "_e") else "<"
         prefix = bytes(self._captured.get(("prefix", 0), b""))
-        for (what, _a), buf in self._captured.items():
+        for (what, a), buf in self._captured.items():
             if what == "note":
-                self._notes(bytes(buf), e)
+                self._notes(bytes(buf), e, self._note_align.get(a, 4))
             elif what == "interp":
                 self.info.interp = bytes(buf).split(b"\0", 1)[0].decode("utf-8", "replace")
         dyn = next((bytes(b) for (w, _), b in self._captured.items() if w == "dynamic"), None)
         if dyn is not None:
             self._dynamic(dyn, prefix, e)
 
-    def _notes(self, buf: bytes, e: str) -> None:
+    def _notes(self, buf: bytes, e: str, seg_align: int) -> None:
+        """Notes of one segment; name and descriptor are padded to the segment's alignment (4 or 8)."""
         o = 0
-        align = 8 if self.info.elf_class == 64 else 4
+        pad = seg_align
+        prop_align = 8 if self.info.elf_class == 64 else 4
         while o + 12 <= len(buf):
             namesz, descsz, ntype = struct.unpack_from(e + "III", buf, o)
             name = buf[o + 12:o + 12 + namesz]
+            # the name is padded to 4; the descriptor starts at the segment's alignment (binutils' layout)
             doff = o + 12 + ((namesz + 3) & ~3)
+            doff = (doff + pad - 1) & ~(pad - 1)
             desc = buf[doff:doff + descsz]
             if name == b"GNU\0" and ntype == NT_GNU_ABI_TAG and len(desc) >= 16:
                 os_, a, b, c = struct.unpack_from(e + "IIII", desc)
                 self.info.abi_tag = (os_, (a, b, c))
             elif name == b"GNU\0" and ntype == NT_GNU_PROPERTY_TYPE_0:
-                self._properties(desc, e, align)
-            # notes in one segment share the segment's alignment (4 for ABI tag/build-id, 8 for property)
-            step_align = align if ntype == NT_GNU_PROPERTY_TYPE_0 else 4
-            o = doff + ((descsz + step_align - 1) & ~(step_align - 1))
+                self._properties(desc, e, prop_align)
+            o = doff + ((descsz + pad - 1) & ~(pad - 1))
 
     def _properties(self, desc: bytes, e: str, align: int) -> None:
         o = 0

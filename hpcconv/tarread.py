@@ -19,6 +19,7 @@ ZERO_BLOCK = bytes(BLOCK)
 REG, AREG, LNK, SYM, CHR, BLK, DIR, FIFO, CONT = b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6", b"7"
 GNU_SPARSE, GNU_LONGNAME, GNU_LONGLINK, PAX_LOCAL, PAX_GLOBAL, SOLARIS_PAX = b"S", b"L", b"K", b"x", b"g", b"X"
 _META = (GNU_LONGNAME, GNU_LONGLINK, PAX_LOCAL, PAX_GLOBAL, SOLARIS_PAX)
+_HEADER_ONLY = (LNK, SYM, CHR, BLK, DIR, FIFO)      # never followed by data, whatever `size` says
 _LOW = bytes(range(128))
 _MAX_META = 16 << 20          # a PAX/long-name header larger than this is hostile
 
@@ -249,6 +250,8 @@ class TarReader:
         m.devmajor = _num(block[329:337]) if t in (CHR, BLK) else 0
         m.devminor = _num(block[337:345]) if t in (CHR, BLK) else 0
         m.pax_headers = pax
+        if t in _HEADER_ONLY or (t == AREG and m.name.endswith("/")):
+            size = 0
         m.stored = size
         if t == AREG and m.name.endswith("/"):
             m.type = DIR

@@ -183,3 +183,16 @@ def test_huge_extended_header_refused():
     ti.size = 1 << 32
     with pytest.raises(CorruptInput, match="extended header of"):
         ours(ti.tobuf(tarfile.GNU_FORMAT))
+
+
+def test_header_only_types_carry_no_data_whatever_size_says():
+    out = io.BytesIO()
+    for name, kind, size in (("h", tarfile.LNKTYPE, 700), ("s", tarfile.SYMTYPE, 3), ("d", tarfile.DIRTYPE, 512),
+                             ("f", tarfile.REGTYPE, 5)):
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.size, ti.linkname = kind, size, "f" if kind in (tarfile.LNKTYPE, tarfile.SYMTYPE) else ""
+        out.write(ti.tobuf(tarfile.USTAR_FORMAT))
+    out.write(b"hello".ljust(512, b"\0") + bytes(1024))
+    data = out.getvalue()
+    assert [g[0] for g in ours(data)] == [r[0] for r in ref(data)] == ["h", "s", "d", "f"]
+    assert ours(data)[-1][11] == hashlib.sha256(b"hello").hexdigest()

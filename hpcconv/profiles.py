@@ -51,7 +51,7 @@ _FORMATS: dict[str, tuple[str, str]] = {
     "soname_version": (r"\d+(\.\d+){0,2}", "a library version like 12, 12.1 or 40.30.0"),
     "abs_path": (r"/[^\0:]*", "an absolute path without ':'"),
     "bind": (r"/[^\0:]*(:/[^\0:]*)?(:(ro|rw))?", "a bind 'HOST_PATH[:CONTAINER_PATH][:ro or :rw]' of absolute paths"),
-    "url": (r"https?://\S+|[\w.-]+/[\w.-]+(\s.*)?|\S.*", "a URL or a source reference"),
+    "url": (r"\S.*", "a URL or a source reference (not empty)"),
     "env_name": (r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name"),
     "oci_variant": (r"(v\d+)?", "an OCI platform variant like v8 (or empty)"),
     "aarch64_isa": (r"armv(8|9)(\.\d)?a", "an Arm architecture version like armv8.2a or armv9.0a"),
@@ -324,7 +324,8 @@ def _validate_resolved(d: dict, where: str, kind: str) -> None:
     if _get(d, "confidence") is None:
         bad("confidence: missing (required, one of " + _fmt_allowed(CONFIDENCE) + ")")
     if kind == "site" and not _get(d, "sources"):
-        bad("sources: a site profile needs at least one source")
+        bad("sources: a site profile needs at least one source",
+            hint='list where the facts come from, or set kind = "generic" for a profile that is not a real site')
     if arch != "x86_64" and _get(d, "cpu.level") is not None:
         bad(f"cpu.level: only for x86_64, but cpu.arch is {arch}")
     if arch == "x86_64":

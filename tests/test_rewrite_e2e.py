@@ -108,3 +108,21 @@ def test_facts_for_inspect(openmpi_layout, store_dir):
     import json
 
     json.dumps(f)    # JSON-able
+
+
+def test_one_stream_judged_against_every_site(openmpi_layout, store_dir):
+    """Stream once, then finish against each shipped site profile (what `check --profile all` needs)."""
+    from hpcconv.profiles import list_profiles
+
+    img = open_source(f"oci:{openmpi_layout}")
+    runner = PassRunner(default_passes())
+    for _ in runner.transform(Flattener(img).entries()):
+        pass
+    verdicts = {p.name: runner.finish(p) for p in list_profiles() if p.kind == "site"}
+    assert verdicts["perlmutter-cpu"].failed          # Open MPI vs host MPICH ABI
+    assert verdicts["lumi-g"].failed
+    assert by_name(verdicts["alps-gh200"])["elf.machine"].status == "fail"
+    assert not verdicts["juwels-booster"].failed       # container MPI, IB: warns only
+    assert by_name(verdicts["juwels-booster"])["fabric.support"].status == "warn"
+    again = runner.finish(load_profile("perlmutter-cpu"))
+    assert again.to_json() == verdicts["perlmutter-cpu"].to_json()    # finish has no side effects

@@ -187,8 +187,13 @@ class PassRunner:
     def facts(self) -> dict:
         return {p.name: p.facts() for p in self.passes}
 
-    def finish(self) -> Checks:
+    _UNSET = object()
+
+    def finish(self, profile=_UNSET) -> Checks:
+        """The passes' checks against the runner's profile, or another one: passes only collect while
+        streaming and ``finish`` does not change them, so one pass over an image can be judged against
+        every profile (``check --profile all``)."""
         checks = Checks()
         for p in self.passes:
-            checks.extend(p.finish(self.profile))
+            checks.extend(p.finish(self.profile if profile is PassRunner._UNSET else profile))
         return checks

@@ -2,14 +2,16 @@
 
 Two passes, no rootfs on disk, memory bounded by metadata:
 
-1. *Index pass*: every layer is decompressed once and only its tar headers are read. OCI changeset
+1. *Index pass*: every layer is decompressed once and only its tar headers are read (with
+   `tarread`, a forward-only header parser about 2x faster than `tarfile` here). OCI changeset
    semantics are applied in layer order to an in-memory tree (metadata only): whiteouts, opaque
    directories, type changes, implied parents, symlinked parents, hardlinks as shared inodes. Each
    regular file's inode remembers where its content lives (layer, member ordinal). Layer digests
    and `rootfs.diff_ids` are verified here.
 2. *Emit pass*: directories and every entry without content are yielded first (parents first),
    then the layers that hold needed content are streamed again in order and each surviving file is
-   yielded when its member is reached, followed by the hardlinks to it.
+   yielded when its member is reached, followed by the hardlinks to it. A layer is read only up
+   to its last needed member; layers with no surviving content are not read again.
 
 Semantics (image-spec `layer.md`, moby `pkg/archive`, checked against Docker 20.10 / overlay2 by
 tests/test_flatten_docker.py):
@@ -32,7 +34,15 @@ tests/test_flatten_docker.py):
   in a lower layer (Docker on overlay2 refuses that at `docker load`; the spec allows it), keeps
   its content when the target path is later removed or overwritten, and a hardlink header's
   uid/gid (and, unless the inode is a symlink, mode and mtime) apply to the shared inode, as
-  moby's createTarFile does; a missing target becomes an empty file with a warning.
+  moby's createTarFile does; a missing target becomes an empty file with a warning; a hardlink
+  to a directory is CorruptInput and a target above the root UnsafeInput (Docker clamps it);
+* `.wh.X` followed by a directory X in one layer: X is new and empty (overlay2 merges the lower X
+  back in, since the directory replaces its whiteout device without marking it opaque);
+* duplicates in a layer: the later entry wins, with a warning (`docker load` refuses them);
+* sparse members (old GNU, PAX 0.0/0.1/1.0) are read expanded (Docker 20.10 refuses old GNU
+  sparse); their holes count toward `max_expanded`;
+* symlinks are mode 0777 (what lstat shows); xattrs come from `SCHILY.xattr.*` (and
+  `LIBARCHIVE.xattr.*`) and are all kept, where `docker export` keeps only security.capability.
 """
 
 from __future__ import annotations

@@ -148,3 +148,23 @@ def test_tar_round_trip_of_real_stream_keeps_elf_facts(tmp_path):
     PassRunner([p]).run(read_tar_entries(buf))
     assert p.elves == [(f"{CLIBDIR}/{OMPI}", "libmpi.so.40")]
     assert tarfile.is_tarfile(io.BytesIO(buf.getvalue()))
+
+
+def test_source_errors_propagate_from_the_drain():
+    class Broken(io.RawIOBase):
+        """100 good bytes, then the source fails (after the head was read)."""
+        sent = False
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            if not self.sent:
+                self.sent = True
+                b[:100] = b"x" * 100
+                return 100
+            raise OSError("layer blob truncated")
+
+    e = Entry("x", FILE, size=1 << 20, reader=io.BufferedReader(Broken()))
+    with pytest.raises(OSError, match="truncated"):
+        PassRunner([HashPass()], head_size=16).run([e, Entry("y", FILE)])

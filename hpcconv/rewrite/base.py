@@ -104,14 +104,12 @@ class _TeeReader(io.RawIOBase):
         self._closed_scanners = True
         complete = True
         if self._scanners:
-            try:
-                while self._fed < self._size:
-                    data = self._pull(min(_DRAIN_CHUNK, self._size - self._fed))
-                    if not data:
-                        complete = False
-                        break
-            except (OSError, ValueError):
-                complete = False
+            # errors of the source (corrupt or truncated layers) propagate, as they would to the consumer
+            while self._fed < self._size:
+                data = self._pull(min(_DRAIN_CHUNK, self._size - self._fed))
+                if not data:
+                    complete = False
+                    break
         for s in self._scanners:
             s.close(complete and self._fed >= self._size)
 

@@ -68,10 +68,11 @@ def no_temps(d: Path) -> None:
 
 
 # tar -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("compression", [None, "gzip", "zstd"])
-def test_write_tar_round_trip(tmp_path, compression):
+@pytest.mark.parametrize("compression,level", [(None, None), ("gzip", None), ("gzip", 9), ("gzip", 1),
+                                               ("zstd", None), ("zstd", 12)])
+def test_write_tar_round_trip(tmp_path, compression, level):
     out = tmp_path / "out.tar"
-    assert write_tar(stream(), out, compression=compression) == len(MEMBERS)
+    assert write_tar(stream(), out, compression=compression, level=level) == len(MEMBERS)
     raw = out.read_bytes()
     if compression == "gzip":
         assert raw[:2] == b"\x1f\x8b"
@@ -167,6 +168,7 @@ def test_write_squashfs_read_back_with_sqfs2tar(tmp_path, compression):
     # the compressor is the one asked for (unsquashfs -s is an independent reader)
     info = subprocess.run([need("unsquashfs"), "-s", str(out)], capture_output=True, text=True, check=True).stdout
     assert f"Compression {compression}" in info
+    assert "compression-level 6" in info          # our default, not the tools' 9 (gzip) / 15 (zstd)
     assert "Block size 1048576" in info
     no_temps(tmp_path)
 
@@ -379,6 +381,7 @@ def test_mksquashfs_fallback(tmp_path, monkeypatch):
     assert tar_tree(back) == EXPECTED
     info = subprocess.run([need("unsquashfs"), "-s", str(out)], capture_output=True, text=True, check=True).stdout
     assert "Compression zstd" in info and "Block size 1048576" in info
+    assert "compression-level 6" in info
     monkeypatch.setattr(sinks, "_which", lambda tool: None)
     with pytest.raises(OutputError, match="tar2sqfs"):
         write_squashfs(stream(), tmp_path / "none.sqfs")

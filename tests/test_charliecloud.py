@@ -326,7 +326,7 @@ def test_run_hint_and_run_script_work(tmp_path, deb_cache, store_dir):
                           config={"Env": ["PATH=/bin", "MSG=hi"], "WorkingDir": "/work",
                                   "Entrypoint": ["/work/greet"], "Cmd": ["default-arg"]})
     out = tmp_path / "g.sqfs"
-    res, _ = convert(image_of(tmp_path, built, store_dir), out, "squashfs")
+    res, _ = convert(image_of(tmp_path, built, store_dir), out, "squashfs", compression="zstd")  # squashfuse reads zstd
     r = subprocess.run(res.run_hint, shell=True, capture_output=True, text=True, env={**os.environ, "USER": "root"})
     assert r.returncode == 0, r.stderr
     assert r.stdout == "in /work: hi default-arg\n"

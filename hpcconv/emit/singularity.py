@@ -434,7 +434,7 @@ def environment_checks(config: ImageConfig, checks: Checks) -> None:
                    f"Apptainer does): {', '.join(repr(b) for b in bad[:3])}")
     else:
         checks.add(STAGE, "environment", PASS, f"{len(env)} variables in /{SD}/env/10-docker2singularity.sh")
-    ignored = [k for k in ("User", "WorkingDir") if config.config.get(k) not in (None, "", "root", "0", "/")]
+    ignored = [k for k in ("User", "WorkingDir") if config.config.get(k) not in (None, "", "root", "0", "0:0", "root:root", "/")]
     if ignored:
         checks.add(STAGE, "ignored config", WARN, f"{' and '.join(ignored)} are not applied by `apptainer run` "
                    "(it runs as the calling user in the current directory); use --pwd for WORKDIR")

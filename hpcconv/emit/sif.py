@@ -347,6 +347,8 @@ def mksquashfs_command(out: Path, offset: int, compression: str, level: int | No
     jobs = str(max(1, len(os.sched_getaffinity(0))))
     cmd = [exe, "-", str(out), "-tar", "-o", str(offset), "-noappend", "-no-progress", "-quiet",
            "-comp", compression, "-b", str(block_size), "-processors", jobs, "-root-mode", "0755"]
+    if level is None:
+        level = getattr(sinks, "SQFS_LEVELS", {}).get(compression)   # the measured defaults the other sinks use
     if level is not None:
         cmd += ["-Xcompression-level", str(level)]
     return cmd

@@ -115,14 +115,13 @@ def _source_options(source: str, platform: Optional[str], insecure: bool, ca_cer
 
 
 def _emit_result(result: dict, human: list[str]) -> None:
+    """JSON on stdout with --json; otherwise plain lines (no markup, no wrapping: commands in them
+    must stay copyable and paths may hold brackets)."""
     if G.json:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
     elif not G.quiet:
-        from rich.console import Console
-
-        con = Console(stderr=False, highlight=False)
         for line in human:
-            con.print(line)
+            typer.echo(line)
 
 
 def _checks_table(checks) -> None:
@@ -190,7 +189,7 @@ def inspect(
         "config": {"Env": cfg.env, "Entrypoint": cfg.entrypoint, "Cmd": cfg.cmd, "WorkingDir": cfg.workdir,
                    "Labels": cfg.labels, "User": str(cfg.config.get("User") or "")},
     }
-    human = [f"[bold]{source}[/] {img.digest}", f"platform: {img.platform}"]
+    human = [f"{source} {img.digest}", f"platform: {img.platform}"]
     if img.index:
         human.append("platforms in index: " + ", ".join(result["platforms"]))
     human += [f"layer {i + 1}: {l.digest} {l.descriptor.size} B {l.media_type}" for i, l in enumerate(img.layers)]

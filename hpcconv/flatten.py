@@ -169,6 +169,102 @@ def _members(stream, what: str) -> Iterator[tuple[TarReader, Member]]:
         raise CorruptInput(f"{what}: bad tar data{after}: {e.message}") from None
 
 
+class _Prefetch(io.RawIOBase):
+    """Read `inner` in a background thread, a few chunks ahead (bounded memory).
+
+    Decompression (ISA-L, zstd) and hashing release the GIL, so they overlap with header parsing
+    and with the consumer's work. Errors from the thread are raised in the reader."""
+
+    _END = object()
+
+    def __init__(self, inner, depth: int = 2):
+        import queue
+        import threading
+
+        self._inner = inner
+        self._q: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._buf = memoryview(b"")
+        self._done = False
+        self._t = threading.Thread(target=self._run, name="hpcconv-prefetch", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        import queue
+
+        try:
+            while not self._stop.is_set():
+                data = self._inner.read(CHUNK)
+                item = data if data else self._END
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if not data:
+                    return
+        except BaseException as e:              # handed to the reader
+            self._q.put(e)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if not self._buf:
+            if self._done:
+                return 0
+            item = self._q.get()
+            if item is self._END:
+                self._done = True
+                return 0
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._buf = memoryview(item)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stop.set()
+            while self._t.is_alive():
+                try:
+                    self._q.get_nowait()
+                except Exception:
+                    self._t.join(0.05)
+            try:
+                self._inner.close()
+            finally:
+                super().close()
+
+
+class _ToEnd(io.RawIOBase):
+    """The decompressed bytes of a layer; at their end, the rest of the compressed blob is read
+    too (trailing padding or garbage), so that the blob's digest is checked."""
+
+    def __init__(self, dec, raw):
+        self._dec, self._raw = dec, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._dec.read(n)
+        if not data:
+            while self._raw.read(CHUNK):
+                pass
+        return data
+
+    def close(self) -> None:
+        try:
+            self._dec.close()
+        finally:
+            super().close()
+
+
 class _Progress(io.RawIOBase):
     def __init__(self, inner, task):
         self._inner, self._task = inner, task
@@ -293,14 +389,18 @@ class Flattener:
     def _index_layer(self, i: int, diff_id: str | None, task) -> None:
         what = self._what(i)
         raw = self._open(i)
-        cnt = None
+        cnt = pf = None
         try:
             dec = open_decompressed(_Progress(raw, task), what)
             cnt = _Counting(dec, hasher_for(diff_id) if diff_id else None, self.max_expanded,
                             self.stats["expanded_bytes"], what)
+            # The thread reads to the very end (compressed remainder included), so the blob digest
+            # and the diff_id cover every byte even though the tar ends earlier.
+            pf = _Prefetch(_ToEnd(cnt, raw))
+            stream = io.BufferedReader(pf, CHUNK)
             st = _LayerState(i, what)
             ordinal = -1
-            for _, ti in _members(io.BufferedReader(cnt, CHUNK), what):
+            for _, ti in _members(stream, what):
                 ordinal += 1
                 if ti.sparse is not None and ti.size > ti.stored:
                     cnt.count_extra(ti.size - ti.stored)       # holes expand on output too
@@ -309,20 +409,19 @@ class Flattener:
                 except HpcconvError as e:
                     raise type(e)(f"{what} entry {ti.name!r}: {e.message}", hint=e.hint) from None
             self.stats["members"] += ordinal + 1
-            # Read to the end so the blob digest and the diff_id cover every byte.
-            while cnt.read(CHUNK):
-                pass
-            while raw.read(CHUNK):
+            while stream.read(CHUNK):
                 pass
         except CorruptInput:
             raise
         except (OSError, EOFError, ValueError) as e:
             raise CorruptInput(f"{what}: cannot read layer: {e}") from None
         finally:
-            try:
-                raw.close()
-            except Exception:
-                pass
+            for c in (pf, raw):
+                try:
+                    if c is not None:
+                        c.close()
+                except Exception:
+                    pass
         if not raw.verified:
             raise CorruptInput(f"{what}: blob was not fully verified")
         self.stats["expanded_bytes"] += cnt.n + cnt.extra
@@ -506,10 +605,12 @@ class Flattener:
         # Verified in full by the index pass; this pass stops at the last needed member, so a digest
         # could not be checked here anyway. Members are cross-checked (type, size) instead.
         raw = self._open(i, verify=False)
+        pf = None
         try:
             ordinal = -1
             left = len(want)
-            members = _members(open_decompressed(raw, what), what)
+            pf = _Prefetch(open_decompressed(raw, what))
+            members = _members(io.BufferedReader(pf, CHUNK), what)
             while left:
                 tf, ti = next(members, (None, None))
                 if ti is None:
@@ -529,10 +630,12 @@ class Flattener:
         except (OSError, EOFError, ValueError) as e:
             raise CorruptInput(f"{what}: cannot read layer: {e}") from None
         finally:
-            try:
-                raw.close()
-            except Exception:
-                pass
+            for c in (pf, raw):
+                try:
+                    if c is not None:
+                        c.close()
+                except Exception:
+                    pass
 
     def _final_checks(self, n_wh: int, duration: float) -> None:
         s = self.stats

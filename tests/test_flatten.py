@@ -356,3 +356,26 @@ def test_deep_tree_under_opaque_dir():
     assert set(tree) == {"d", "d/new"}
     tree, _ = flat([[T(deep + "/f", data=b"f")]])
     assert len(tree) == 3001 and tree[deep + "/f"].sha == h(b"f")
+
+
+def test_no_threads_left_behind_on_error_or_abandon():
+    import threading
+    import time as _time
+
+    def prefetchers():
+        return [t for t in threading.enumerate() if t.name == "hpcconv-prefetch" and t.is_alive()]
+
+    img = build_image([make_tar([T(f"f{i}", data=bytes([i]) * 300_000) for i in range(40)]),
+                       make_tar([T("../../x", data=b"x")])])
+    with pytest.raises(UnsafeInput):
+        Flattener(image_from_built(img)).index()
+    img = build_image([make_tar([T(f"f{i}", data=bytes([i]) * 300_000) for i in range(40)])])
+    gen = Flattener(image_from_built(img)).entries()
+    for e in gen:
+        if e.type == FILE:
+            break                                  # abandon mid-layer
+    gen.close()
+    deadline = _time.monotonic() + 5
+    while prefetchers() and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    assert prefetchers() == []

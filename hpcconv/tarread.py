@@ -21,7 +21,8 @@ GNU_SPARSE, GNU_LONGNAME, GNU_LONGLINK, PAX_LOCAL, PAX_GLOBAL, SOLARIS_PAX = b"S
 _META = (GNU_LONGNAME, GNU_LONGLINK, PAX_LOCAL, PAX_GLOBAL, SOLARIS_PAX)
 _HEADER_ONLY = (LNK, SYM, CHR, BLK, DIR, FIFO)      # never followed by data, whatever `size` says
 _LOW = bytes(range(128))
-_MAX_META = 16 << 20          # a PAX/long-name header larger than this is hostile
+_MAX_META = 16 << 20          # extended headers (PAX, long names) for one member beyond this are hostile
+_MAX_SPARSE = 1 << 20         # sparse map entries for one member
 
 
 def _str(b: bytes) -> str:
@@ -71,6 +72,7 @@ class _Content:
         self._gen = tr._gen
         self._left = m.size
         self._segs = list(m.sparse) if m.sparse is not None else None
+        self._seg = 0                                   # current segment (sparse only)
         self._pos = 0                                   # logical position (sparse only)
 
     def readable(self) -> bool:
@@ -101,12 +103,13 @@ class _Content:
         return data
 
     def _read_sparse(self, n: int) -> bytes:
-        while self._segs and (self._segs[0][1] == 0 or self._segs[0][0] + self._segs[0][1] <= self._pos):
-            self._segs.pop(0)
-        if not self._segs:
+        segs = self._segs
+        while self._seg < len(segs) and (segs[self._seg][1] == 0 or sum(segs[self._seg]) <= self._pos):
+            self._seg += 1
+        if self._seg >= len(segs):
             data = bytes(n)                              # trailing hole
         else:
-            off, length = self._segs[0]
+            off, length = segs[self._seg]
             if self._pos < off:
                 data = bytes(min(n, off - self._pos))
             else:
@@ -114,7 +117,7 @@ class _Content:
                 data = self._tr._read_data(k)
                 if not data:
                     raise CorruptInput("sparse map of a tar member asks for more data than is stored")
-                self._segs[0] = (off + len(data), length - len(data))
+                segs[self._seg] = (off + len(data), length - len(data))
         self._pos += len(data)
         return data
 
@@ -136,6 +139,8 @@ class TarReader:
         self._pad = 0                # padding after them
         self._gen = 0
         self._global: dict[str, str] = {}
+        self._global_size = 0
+        self._meta = 0
         self.offset = 0              # bytes consumed
 
     # raw reading ---------------------------------------------------------------------------------
@@ -166,8 +171,9 @@ class TarReader:
             n -= len(data)
 
     def _meta_data(self, size: int, what: str) -> bytes:
-        if size > _MAX_META:
-            raise CorruptInput(f"{what} header of {size} bytes")
+        self._meta += size
+        if size > _MAX_META or self._meta > _MAX_META:
+            raise CorruptInput(f"{what} header of {size} bytes ({self._meta} in all for one member)")
         data = self._exact(size, what)
         self._skip(-size % BLOCK)
         return data
@@ -206,6 +212,7 @@ class TarReader:
         pax: dict[str, str] = {}
         sparse00: list[int] = []
         longname = longlink = None
+        self._meta = 0
         while True:
             block = self._header()
             if block is None:
@@ -224,6 +231,9 @@ class TarReader:
                     longlink = _cstr(data)
                 elif t == PAX_GLOBAL:
                     self._global.update(_parse_pax(data, []))
+                    self._global_size += size
+                    if self._global_size > _MAX_META:
+                        raise CorruptInput("global PAX headers too large")
                 else:
                     pax.update(_parse_pax(data, sparse00))
                 continue
@@ -280,6 +290,8 @@ class TarReader:
             ext = self._exact(BLOCK, "a sparse header")
             segs += _sparse_entries(ext[:504], 21)
             extended = ext[504]
+            if len(segs) > _MAX_SPARSE:
+                raise CorruptInput("sparse map too large")
         return segs, realsize
 
     def _pax_sparse(self, pax: dict, sparse00: list[int]) -> tuple[list[tuple[int, int]], int]:
@@ -307,6 +319,8 @@ class TarReader:
                     raise CorruptInput("bad sparse map in a tar member") from None
                 if count is None:
                     count = v
+                    if not 0 <= count <= _MAX_SPARSE:
+                        raise CorruptInput("bad sparse map size in a tar member")
                 else:
                     nums.append(v)
             segs = list(zip(nums[0::2], nums[1::2]))
@@ -315,6 +329,8 @@ class TarReader:
             segs = list(zip(vals[0::2], vals[1::2]))
         else:
             segs = list(zip(sparse00[0::2], sparse00[1::2]))
+        if len(segs) > _MAX_SPARSE or any(o < 0 or n < 0 for o, n in segs):
+            raise CorruptInput("bad or oversized sparse map")
         return segs, realsize
 
 

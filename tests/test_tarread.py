@@ -196,3 +196,45 @@ def test_header_only_types_carry_no_data_whatever_size_says():
     data = out.getvalue()
     assert [g[0] for g in ours(data)] == [r[0] for r in ref(data)] == ["h", "s", "d", "f"]
     assert ours(data)[-1][11] == hashlib.sha256(b"hello").hexdigest()
+
+
+def _gnu_sparse_header(entries: list[tuple[int, int]], extended: bool, realsize: int, stored: int) -> bytes:
+    ti = tarfile.TarInfo("s")
+    ti.type = tarfile.GNUTYPE_SPARSE
+    ti.size = stored
+    b = bytearray(ti.tobuf(tarfile.GNU_FORMAT))
+    for i, (o, n) in enumerate(entries[:4]):
+        b[386 + 24 * i: 386 + 24 * i + 24] = b"%011o\0%011o\0" % (o, n)
+    b[482] = 1 if extended else 0
+    b[483:495] = b"%011o\0" % realsize
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def test_old_gnu_sparse_handmade_and_oversized_map():
+    # handmade: 2 segments, realsize 20
+    data = _gnu_sparse_header([(2, 3), (10, 2)], False, 20, 5) + b"abcde".ljust(512, b"\0") + bytes(1024)
+    tr = TarReader(io.BufferedReader(io.BytesIO(data)))
+    (m,) = [(m, tr.content(m).read()) for m in tr]
+    assert m[1] == b"\0\0abc\0\0\0\0\0de" + bytes(8)
+    # a map with over a million entries in extension blocks is refused, not collected
+    ext = (b"%011o\0%011o\0" % (1, 1)) * 21 + b"\x01" + bytes(7)
+    data = _gnu_sparse_header([(1, 1)] * 4, True, 10, 0) + ext * 60_000
+    with pytest.raises(CorruptInput, match="sparse map too large"):
+        ours(data)
+
+
+def test_endless_extended_headers_refused():
+    out = io.BytesIO()
+    for i in range(40):
+        ti = tarfile.TarInfo("././@PaxHeader")
+        ti.type = tarfile.XHDTYPE
+        rec = f"comment{i}=" + "x" * (1 << 19)
+        rec = f"{len(rec) + 9} {rec}\n"
+        rec = f"{len(rec)} " + rec[len(rec.split(' ')[0]) + 1:]
+        payload = rec.encode()
+        ti.size = len(payload)
+        out.write(ti.tobuf(tarfile.GNU_FORMAT) + payload.ljust(-(-len(payload) // 512) * 512, b"\0"))
+    with pytest.raises(CorruptInput, match="in all for one member"):
+        ours(out.getvalue())

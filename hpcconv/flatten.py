@@ -411,8 +411,10 @@ class Flattener:
             self.stats["members"] += ordinal + 1
             while stream.read(CHUNK):
                 pass
-        except CorruptInput:
-            raise
+        except CorruptInput as e:
+            if e.message.startswith(what):
+                raise
+            raise CorruptInput(f"{what}: {e.message}", hint=e.hint) from None
         except (OSError, EOFError, ValueError) as e:
             raise CorruptInput(f"{what}: cannot read layer: {e}") from None
         finally:

@@ -259,7 +259,7 @@ RUN echo over > /data/sub/two && rm /data/one.sym && mkdir /data/one.sym && ln -
     assert ours["data/empty"].group == {"data/empty", "data/empty.hard"}
     assert ours["data/sub/two"].mode == 0o4755 and ours["opt/a"].mode == 0o1777
     assert "data/gone" not in ours and "opt/a/b" not in ours and ours["data/one.sym"].type == "dir"
-    assert flat.stats["whiteouts"] > 0
+    assert flat.stats["whiteouts"] > 0 and flat.stats["opaque"] > 0      # rm -r + mkdir: an opaque dir
     assert compare(via_cli, theirs) == []
 
 

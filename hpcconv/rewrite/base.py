@@ -11,6 +11,16 @@ bounded pieces (ELF headers, notes, the dynamic section, a bounded prefix) or ru
 Entry-stream contract (see ``hpcconv.entries``): a file's reader is valid only until the next entry
 is requested. Before yielding the next entry the runner therefore drains what downstream left unread
 of the previous file through the scanners (only when a scanner is attached), then closes them.
+
+Changing the stream (preparation passes, ``rewrite/prepare.py``): a pass may ``edit`` each entry
+(return it, a replacement, or None to drop it; a file's replacement carries its own reader, and the
+original content still streams through the scanners) and may append entries at the end of the
+stream (``additions``), still in the same single pass. Additions are new paths; the runner emits
+any missing parent directory (0755 root) before an addition, and skips a directory addition whose
+path was already a directory, so "directories before their contents" holds. Every sink accepts
+new paths at the end (tar, ``tar2sqfs``, ``mksquashfs -tar`` and the directory writer do; the
+Charliecloud emitter appends its own items the same way). A hardlink whose target was dropped is
+dropped too (its target must be an earlier entry).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from __future__ import annotations
 import io
 from typing import BinaryIO, Iterable, Iterator
 
-from ..entries import FILE, Entry
+from ..entries import DIR, FILE, HARDLINK, Entry
 from ..harness.checks import Checks
 
 HEAD_SIZE = 64 * 1024
@@ -57,6 +67,16 @@ class Pass:
     def facts(self) -> dict:
         """What the pass found, JSON-able, for `inspect` (no profile needed)."""
         return {}
+
+    def edit(self, entry: Entry, head: bytes | None) -> Entry | None:
+        """Called after ``observe`` for every entry: return it unchanged (the default), a replacement
+        (same path; a file's replacement brings its own ``reader`` and ``size``), or None to drop it.
+        ``head`` is a file's first bytes (the whole content when ``entry.size <= len(head)``)."""
+        return entry
+
+    def additions(self) -> Iterable[Entry]:
+        """Entries to append at the end of the stream (new paths), after every entry was seen."""
+        return ()
 
 
 class _TeeReader(io.RawIOBase):
@@ -136,6 +156,10 @@ class PassRunner:
         self.entries_seen = 0
         self.files_seen = 0
         self.elf_seen = 0
+        self._editors = [p for p in self.passes
+                         if type(p).edit is not Pass.edit or type(p).additions is not Pass.additions]
+        self._dirs: set[str] = set()       # directory paths yielded (only tracked when a pass edits)
+        self._dropped: set[str] = set()    # paths dropped by an edit (hardlinks to them go too)
 
     def _scanners_for(self, e: Entry, head: bytes) -> list[Scanner]:
         from .elfinfo import ElfScanner, is_elf
@@ -154,15 +178,49 @@ class PassRunner:
         for p in self.passes:
             p.observe_elf(entry, info)
 
+    def _edit(self, e: Entry, head: bytes | None) -> Entry | None:
+        if e.type == HARDLINK and e.linkname in self._dropped:
+            self._dropped.add(e.path)
+            return None
+        for p in self._editors:
+            new = p.edit(e, head)
+            if new is None:
+                self._dropped.add(e.path)
+                return None
+            e = new
+        if e.type == DIR:
+            self._dirs.add(e.path)
+        return e
+
+    def _append(self) -> Iterator[Entry]:
+        for p in self._editors:
+            for a in p.additions():
+                if a.type == DIR and a.path in self._dirs:
+                    continue
+                parts = a.path.split("/")
+                for i in range(1, len(parts)):
+                    d = "/".join(parts[:i])
+                    if d not in self._dirs:
+                        self._dirs.add(d)
+                        yield Entry(d, DIR, 0o755, 0, 0, 0, uname="root", gname="root")
+                if a.type == DIR:
+                    self._dirs.add(a.path)
+                yield a
+
     def transform(self, entries: Iterable[Entry]) -> Iterator[Entry]:
+        editing = bool(self._editors)
         for e in entries:
             self.entries_seen += 1
             if e.type == FILE and e.size and e.reader is not None:
                 self.files_seen += 1
                 head = _read_head(e.reader, min(self.head_size, e.size))
                 tee = _TeeReader(head, e.reader, e.size, self._scanners_for(e, head))
+                out = e.with_(reader=tee)
+                if editing:
+                    out = self._edit(out, head)
                 try:
-                    yield e.with_(reader=tee)
+                    if out is not None:
+                        yield out
                 except GeneratorExit:   # the consumer stopped: close scanners without reading on
                     tee._scanners, scanners = [], tee._scanners
                     for s in scanners:
@@ -172,9 +230,14 @@ class PassRunner:
                 # one upstream, while its reader is still valid
                 tee.finish()
             else:
+                head = b"" if e.type == FILE else None
                 for p in self.passes:
-                    p.observe(e, b"" if e.type == FILE else None)
-                yield e
+                    p.observe(e, head)
+                out = self._edit(e, head) if editing else e
+                if out is not None:
+                    yield out
+        if editing:
+            yield from self._append()
 
     def run(self, entries: Iterable[Entry]) -> Checks:
         """Consume the stream (observe only) and return the passes' checks."""

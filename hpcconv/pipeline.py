@@ -1,0 +1,231 @@
+"""Orchestration shared by the commands (and the test harness): source -> flatten -> rewrite passes ->
+emitter, returning checks. The CLI only parses options and renders what these functions return.
+
+* :func:`open_for_profile` opens a source for a profile: the manifest entry is the profile's platform
+  (unless the user named one); a single-arch image of another architecture, or an index without the
+  site's platform, becomes a failed ``platform`` check before any layer is read (the source is
+  re-opened without a platform to say what the image is).
+* :func:`scan` runs one flatten pass through the detection passes (``inspect``, ``check``,
+  ``check --profile all``: ``finish(profile)`` per profile on the same runner).
+* :func:`convert` and :func:`export` put the detection passes and, with a profile, the preparation
+  pass (``rewrite/prepare.py``) between flatten and the sink, in the same single pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import HpcconvError, SourceError
+from .harness.checks import FAIL, Check, Checks
+from .image import Image
+from .progress import NULL
+
+EMITTERS = {"charliecloud": "charliecloud", "singularity": "singularity", "shifter": "shifter"}
+
+
+def _available(img: Image):
+    return img.index.platforms() if img.index else None
+
+
+def open_for_profile(source: str, opts, profile) -> tuple[Image, Check | None]:
+    """Open SOURCE for PROFILE. Returns the image and the platform check (None without a profile)."""
+    from .rewrite.platform import check_platform
+    from .sources import open_source
+
+    if profile is None:
+        return open_source(source, opts), None
+    if opts.platform is not None:
+        img = open_source(source, opts)
+        return img, check_platform(img.platform, profile, _available(img))
+    try:
+        img = open_source(source, replace(opts, platform=profile.platform))
+    except SourceError as first:
+        # what is the image, then? (an index is re-read from the store; no layer is read)
+        try:
+            other = open_source(source, replace(opts, platform=None))
+        except HpcconvError:
+            raise first from None
+        c = check_platform(other.platform, profile, _available(other))
+        if c.status != FAIL:
+            raise first
+        return other, c
+    return img, check_platform(img.platform, profile, _available(img))
+
+
+@dataclass
+class Scan:
+    image: Image
+    runner: object               # rewrite.base.PassRunner, after the pass
+    flatten_checks: Checks
+
+    def facts(self) -> dict:
+        return self.runner.facts()
+
+    def judge(self, profile) -> Checks:
+        return self.runner.finish(profile)
+
+
+def scan(image: Image, reporter=NULL, extra_passes=()) -> Scan:
+    """One flatten pass through every detection pass (no profile needed: judge later)."""
+    from .flatten import Flattener
+    from .rewrite import default_passes
+    from .rewrite.base import PassRunner
+
+    flat = Flattener(image, reporter=reporter)
+    runner = PassRunner(default_passes(image.config.env) + list(extra_passes))
+    runner.run(flat.entries())
+    return Scan(image, runner, flat.checks)
+
+
+def verdict(checks: Checks) -> str:
+    return "fail" if checks.failed else ("warn" if checks.warned else "pass")
+
+
+@dataclass
+class Prepared:
+    """An image made ready for a profile: the modified image (config) and the stream transform."""
+
+    image: Image
+    runner: object
+    prepare: object | None
+    checks: Checks = field(default_factory=Checks)
+
+    @property
+    def changes(self) -> list[dict]:
+        return self.prepare.changes if self.prepare is not None else []
+
+    def finish(self) -> Checks:
+        c = Checks()
+        c.extend(self.checks)
+        c.extend(self.runner.finish())
+        return c
+
+
+def prepare(image: Image, profile) -> Prepared:
+    """Detection passes always; with a profile, the preparation pass and the config copy with its Env."""
+    from .rewrite import default_passes
+    from .rewrite.base import PassRunner
+    from .rewrite.prepare import PreparePass, make_plan, prepared_image
+
+    passes = default_passes(image.config.env)
+    prep = None
+    if profile is not None:
+        plan = make_plan(profile)
+        image, notes = prepared_image(image, plan)
+        prep = PreparePass(profile, plan, notes)
+        passes.append(prep)
+    return Prepared(image, PassRunner(passes, profile), prep)
+
+
+@dataclass
+class ConvertOutcome:
+    image: Image                 # the prepared image (its config is what was written)
+    checks: Checks
+    changes: list[dict]
+    emit: object | None          # the emitter's result; None when the platform check failed
+    compression: str
+
+
+def convert(source: str, opts, target: str, output: Path, fmt: str, compression: str = "auto",
+            profile=None, reporter=NULL, force: bool = False) -> ConvertOutcome:
+    """source -> flatten -> passes -> emitter. A wrong platform stops before any layer is read."""
+    import importlib
+
+    from .flatten import Flattener
+    from .rewrite.prepare import choose_compression
+
+    checks = Checks()
+    img, pc = open_for_profile(source, opts, profile)
+    if pc is not None:
+        checks.items.append(pc)
+        if pc.status == FAIL:
+            return ConvertOutcome(img, checks, [], None, compression)
+    comp, cc = choose_compression(compression, profile)
+    if cc is not None and fmt in ("squashfs", "sif"):
+        checks.items.append(cc)
+    prep = prepare(img, profile)
+    flat = Flattener(img, reporter=reporter)
+    emitter = importlib.import_module(f".emit.{EMITTERS[target]}", __package__)
+    res = emitter.emit(prep.runner.transform(flat.entries()), prep.image, output, fmt=fmt, compression=comp,
+                       reporter=reporter, force=force)
+    checks.extend(flat.checks)
+    checks.extend(prep.finish())
+    checks.extend(res.checks)
+    return ConvertOutcome(prep.image, checks, prep.changes + list(res.changes), res, comp)
+
+
+def export(source: str, opts, output: Path | None, profile=None, raw: bool = False, reporter=NULL,
+           force: bool = False) -> tuple[Image, int, Checks, list[dict]]:
+    """The flattened rootfs as a tar; with a profile (and not raw), prepared for it. The environment
+    part of a preparation cannot live in a rootfs tar and is reported instead."""
+    from .emit.sinks import write_tar
+    from .flatten import Flattener
+
+    checks = Checks()
+    img, pc = open_for_profile(source, opts, None if raw else profile)
+    if pc is not None:
+        checks.items.append(pc)
+        if pc.status == FAIL:
+            return img, 0, checks, []
+    flat = Flattener(img, reporter=reporter)
+    if raw or profile is None:
+        n = write_tar(flat.entries(), output, compression=None, reporter=reporter)
+        checks.extend(flat.checks)
+        return img, n, checks, []
+    prep = prepare(img, profile)
+    n = write_tar(prep.runner.transform(flat.entries()), output, compression=None, reporter=reporter)
+    checks.extend(flat.checks)
+    checks.extend(prep.finish())
+    if prep.prepare.env_notes:
+        checks.add("prepare", "prepare.env", "warn",
+                   "a rootfs tar carries no image config: set these at run time (or convert instead): "
+                   + "; ".join(prep.prepare.env_notes))
+        checks.items[:] = [c for c in checks.items if not (c.name == "prepare.env" and c.status == "pass")]
+    return img, n, checks, prep.changes
+
+
+def site_profiles() -> list:
+    from .profiles import list_profiles
+
+    return [p for p in list_profiles() if p.kind == "site"]
+
+
+def check_all(source: str, opts, reporter=NULL) -> tuple[list[dict], Image]:
+    """Judge one image against every site profile: one flatten pass per platform the profiles need
+    (a single-arch image: one pass), ``finish(profile)`` per profile."""
+    from .rewrite.platform import check_platform
+    from .sources import open_source
+
+    profiles = site_profiles()
+    first = open_source(source, opts)
+    scans: dict[str, Scan | None] = {}
+    rows = []
+    for prof in profiles:
+        if opts.platform is None and first.index is not None:
+            key = str(prof.platform)
+            if key not in scans:
+                try:
+                    img = first if first.platform.matches(prof.platform) else \
+                        open_source(source, replace(opts, platform=prof.platform))
+                except SourceError:
+                    img = None
+                scans[key] = scan(img, reporter) if img is not None else None
+            sc = scans[key]
+        else:
+            key = str(first.platform)
+            if key not in scans:
+                scans[key] = scan(first, reporter)
+            sc = scans[key]
+        checks = Checks()
+        target = sc.image if sc is not None else first
+        pc = check_platform(target.platform, prof, _available(first))
+        checks.items.append(pc)
+        if pc.status != FAIL and sc is not None:
+            checks.extend(sc.judge(prof))
+        rows.append({"profile": prof.name, "description": prof.description, "verdict": verdict(checks),
+                     "platform": str(target.platform),
+                     "fails": [f"{c.name}: {c.detail}" for c in checks.items if c.status == FAIL],
+                     "warns": [f"{c.name}: {c.detail}" for c in checks.items if c.status == "warn"],
+                     "checks": checks.to_json()})
+    return rows, first

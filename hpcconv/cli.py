@@ -68,6 +68,7 @@ TARGET_FORMATS = {"charliecloud": ("squashfs", ("dir", "tar", "squashfs")),
 
 
 class Compression(str, Enum):
+    auto = "auto"
     gzip = "gzip"
     zstd = "zstd"
 
@@ -172,14 +173,22 @@ def inspect(
     store: Optional[Path] = StoreOpt,
     username: Optional[str] = UserOpt,
     password_stdin: bool = PassStdinOpt,
+    config_only: bool = typer.Option(False, "--config-only", help="Only manifest and config: do not read the layers."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON result on stdout."),
 ):
-    """Show platforms, layers and configuration of an image."""
+    """Show platforms, layers, configuration and what is inside (arch, ISA level, glibc, MPI, fabrics, GPU)."""
+    G.json = G.json or json_out
     from .sources import open_source
 
     rep = _reporter()
     with rep.running():
         opts = _source_options(source, platform, insecure, ca_cert, store, username, password_stdin, rep)
         img = open_source(source, opts)
+        inside = None
+        if not config_only:
+            from .pipeline import scan
+
+            inside = scan(img, rep).facts()
     cfg = img.config
     result = {
         "command": "inspect", "source": source, "digest": img.digest, "mediaType": img.manifest.media_type,
@@ -195,6 +204,11 @@ def inspect(
     human += [f"layer {i + 1}: {l.digest} {l.descriptor.size} B {l.media_type}" for i, l in enumerate(img.layers)]
     human += [f"entrypoint: {cfg.entrypoint}", f"cmd: {cfg.cmd}", f"workdir: {cfg.workdir or '/'}",
               "env: " + " ".join(cfg.env)]
+    if inside is not None:
+        from .render import inside_lines
+
+        result["inside"] = inside
+        human += inside_lines(inside)
     _emit_result(result, human)
 
 
@@ -203,6 +217,7 @@ def export(
     source: str = typer.Argument(..., help="Image to flatten."),
     output: Path = typer.Option(..., "-o", "--output", help="Tar file to write (`-` for stdout)."),
     raw: bool = typer.Option(False, "--raw", help="The flattened rootfs as is, with no profile rewrites."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Prepare the rootfs for this site profile (not with --raw)."),
     platform: Optional[str] = PlatformOpt,
     insecure: bool = InsecureOpt,
     ca_cert: Optional[Path] = CaCertOpt,
@@ -211,19 +226,20 @@ def export(
     password_stdin: bool = PassStdinOpt,
 ):
     """Write the flattened root filesystem of an image as a tar archive."""
-    from .emit.sinks import write_tar
-    from .flatten import Flattener
-    from .sources import open_source
+    from . import pipeline
 
+    prof = _load_profile(profile) if profile and not raw else None
     rep = _reporter()
     with rep.running():
         opts = _source_options(source, platform, insecure, ca_cert, store, username, password_stdin, rep)
-        img = open_source(source, opts)
-        flat = Flattener(img, reporter=rep)
-        n = write_tar(flat.entries(), None if str(output) == "-" else output, compression=None, reporter=rep)
+        img, n, checks, changes = pipeline.export(source, opts, None if str(output) == "-" else output,
+                                                  profile=prof, raw=raw, reporter=rep)
+    _checks_table(checks)
     _emit_result({"command": "export", "source": source, "digest": img.digest, "output": str(output),
-                  "entries": n, "checks": flat.checks.to_json()},
-                 [f"wrote {output} ({n} entries)"] if str(output) != "-" else [])
+                  "entries": n, "checks": checks.to_json(), "changes": changes},
+                 [f"wrote {output} ({n} entries)"] if str(output) != "-" and n else [])
+    if checks.failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -232,7 +248,7 @@ def convert(
     target: Target = typer.Option(Target.charliecloud, "--target", "-t", help="Image format the site runs."),
     fmt: Optional[Format] = typer.Option(None, "--format", help="charliecloud: dir, tar or squashfs (default squashfs); singularity: sif (default) or sandbox; shifter: squashfs."),
     output: Path = typer.Option(..., "-o", "--output", help="Output file or directory."),
-    compression: Compression = typer.Option(Compression.gzip, "--compression", help="gzip (widest compatibility) or zstd (fast)."),
+    compression: Compression = typer.Option(Compression.auto, "--compression", help="squashfs/tar compression: auto (the first the --profile site mounts, else gzip), gzip (widest compatibility) or zstd (fast)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Architecture profile of the target site."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the checks as JSON to this file."),
     platform: Optional[str] = PlatformOpt,
@@ -243,50 +259,100 @@ def convert(
     password_stdin: bool = PassStdinOpt,
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ):
-    """Convert an image for an HPC container runtime."""
-    from .flatten import Flattener
-    from .sources import open_source
+    """Convert an image for an HPC container runtime (adapted to a site with --profile)."""
+    from . import pipeline
 
     default_fmt, allowed = TARGET_FORMATS[target.value]
     fmt_name = fmt.value if fmt else default_fmt
     if fmt_name not in allowed:
         raise UsageError(f"--format {fmt_name} is not a {target.value} format", hint=f"use {' or '.join(allowed)}")
-    if profile:
-        raise UsageError("architecture profiles are not implemented yet")
+    prof = _load_profile(profile) if profile else None
     rep = _reporter()
     with rep.running():
         opts = _source_options(source, platform, insecure, ca_cert, store, username, password_stdin, rep)
-        img = open_source(source, opts)
-        flat = Flattener(img, reporter=rep)
-        if target is Target.charliecloud:
-            from .emit import charliecloud as emitter
-        elif target is Target.singularity:
-            from .emit import singularity as emitter
-        else:
-            from .emit import shifter as emitter
-
-        res = emitter.emit(flat.entries(), img, output, fmt=fmt_name, compression=compression.value,
-                           reporter=rep, force=force)
-    checks = flat.checks
-    checks.extend(res.checks)
+        out = pipeline.convert(source, opts, target.value, output, fmt_name, compression.value, prof, rep, force)
+    img, checks, res = out.image, out.checks, out.emit
+    if res is None:   # the image's platform cannot run at the site: nothing was read or written
+        _checks_table(checks)
+        fail = next(c for c in checks.items if c.status == "fail")
+        _emit_result({"command": "convert", "source": source, "digest": img.digest, "platform": str(img.platform),
+                      "profile": prof.name, "target": target.value, "checks": checks.to_json(), "changes": []},
+                     [f"not converted: {fail.detail}"])
+        raise typer.Exit(1)
     result = {"command": "convert", "source": source, "digest": img.digest, "platform": str(img.platform),
-              "target": target.value, "format": fmt_name, "output": str(output),
-              "checks": checks.to_json(), "changes": res.changes, "run": res.run_hint}
+              "target": target.value, "format": fmt_name, "output": str(output), "compression": out.compression,
+              "profile": prof.name if prof else None,
+              "checks": checks.to_json(), "changes": out.changes, "run": res.run_hint}
     if target is Target.shifter:
         result.update({"shifter_id": res.image_id, "files": [str(res.squashfs), str(res.meta)], "note": res.note})
     if report:
         report.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     _checks_table(checks)
     human = [f"wrote {output}"]
-    if res.changes:
-        human.append(f"{sum(c.get('count', 1) for c in res.changes)} fix-ups for {target.value.capitalize()} "
-                     "(see --json for the list)")
+    if out.changes:
+        human.append(f"{sum(c.get('count', 1) for c in out.changes)} changes for "
+                     f"{target.value.capitalize() + (' at ' + prof.name if prof else '')} (see --json for the list)")
+    if checks.failed:
+        human.append("some checks failed: the image will not run as is" + (f" at {prof.name}" if prof else ""))
     human.append(f"run it with: {res.run_hint}")
     _emit_result(result, human)
     if target is Target.shifter and not (G.quiet or G.json):
         typer.echo(res.note)  # plain, unwrapped: it holds commands to copy
     if checks.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def check(
+    source: str = typer.Argument(..., help="Image to judge."),
+    profile: str = typer.Option(..., "--profile", help="Site profile, or 'all' for a table of every site profile."),
+    platform: Optional[str] = PlatformOpt,
+    insecure: bool = InsecureOpt,
+    ca_cert: Optional[Path] = CaCertOpt,
+    store: Optional[Path] = StoreOpt,
+    username: Optional[str] = UserOpt,
+    password_stdin: bool = PassStdinOpt,
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON result on stdout."),
+):
+    """Will this image run well at that site? A verdict per check, without converting (exit 1 on a fail)."""
+    G.json = G.json or json_out
+    from . import pipeline
+    from .render import check_all_lines, check_lines
+
+    rep = _reporter()
+    if profile == "all":
+        with rep.running():
+            opts = _source_options(source, platform, insecure, ca_cert, store, username, password_stdin, rep)
+            rows, img = pipeline.check_all(source, opts, rep)
+        _emit_result({"command": "check", "source": source, "digest": img.digest, "profile": "all",
+                      "profiles": rows}, check_all_lines(rows))
+        if not any(r["verdict"] != "fail" for r in rows):
+            raise typer.Exit(1)
+        return
+    prof = _load_profile(profile)
+    with rep.running():
+        opts = _source_options(source, platform, insecure, ca_cert, store, username, password_stdin, rep)
+        img, pc = pipeline.open_for_profile(source, opts, prof)
+        checks = pipeline.Checks()
+        checks.items.append(pc)
+        if pc.status != "fail":
+            prep = pipeline.prepare(img, prof)
+            sc = pipeline.scan(img, rep, extra_passes=[prep.prepare])
+            checks.extend(sc.flatten_checks)
+            checks.extend(sc.judge(prof))
+    v = pipeline.verdict(checks)
+    _emit_result({"command": "check", "source": source, "digest": img.digest, "platform": str(img.platform),
+                  "profile": prof.name, "verdict": v, "checks": checks.to_json(),
+                  "changes_on_convert": prep.changes if pc.status != "fail" else []},
+                 check_lines(checks, prof.name, v))
+    if checks.failed:
+        raise typer.Exit(1)
+
+
+def _load_profile(name: str):
+    from .profiles import load_profile
+
+    return load_profile(name)
 
 
 from .profiles_cli import app as _profiles_app  # noqa: E402  (sub-app: hpcconv profiles list|show)

@@ -436,9 +436,12 @@ def test_daemon_and_archive_stream_without_buffering(docker_engine, docker_busyb
     docker_engine.build(_ctx(tmp_path, f"FROM {docker_busybox}\nRUN head -c 160000000 /dev/urandom > /big\n"), tag)
     try:
         archive = _docker_save(docker_engine, tmp_path, tag)
-        code = ("import resource, sys; from hpcconv.sources import open_source, SourceOptions; "
+        # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's high-water mark across
+        # fork+exec into ru_maxrss, so a big pytest process would be measured instead of the child
+        code = ("import re, sys; from hpcconv.sources import open_source, SourceOptions; "
                 "im = open_source(sys.argv[1], SourceOptions(store_path=sys.argv[2])); "
-                "print(len(im.layers), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+                "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+                "print(len(im.layers), hwm // 1024)")
         for spec, store in ((f"docker-daemon:{tag}", store_dir / "a"), (f"docker-archive:{archive}", store_dir / "b")):
             r = subprocess.run([sys.executable, "-c", code, spec, str(store)], capture_output=True, text=True,
                                env={**os.environ, "DOCKER_HOST": docker_engine.host})

@@ -359,10 +359,17 @@ from .profiles_cli import app as _profiles_app  # noqa: E402  (sub-app: hpcconv 
 
 app.add_typer(_profiles_app, name="profiles")
 
+from .bundle_cli import app as _bundle_app, push as _push  # noqa: E402  (hpcconv bundle …, hpcconv push)
+
+app.add_typer(_bundle_app, name="bundle")
+app.command("push")(_push)
+
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)   # click returns (not raises) a typer.Exit's code in this mode
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except HpcconvError as e:
         msg = f"hpcconv: error: {e.message}"
         if e.hint:

@@ -10,10 +10,11 @@ they are published), then store the manifest (and index) and tag the normalised 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-from ..errors import CorruptInput, SourceError
+from ..errors import CorruptInput, NetworkError, SourceError
 from ..image import (DOCKER_LAYER_FOREIGN, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, SCHEMA1_TYPES,
                      Descriptor, Image, ImageConfig, Index, Layer, Manifest, Platform, check_digest, digest_bytes,
                      host_platform, manifest_kind, parse_json, verify_bytes)
@@ -34,9 +35,45 @@ def open_image(rest: str, opts: SourceOptions) -> Image:
         img = from_store(ref, store, want, opts)
         if img is not None:
             return img
-    with RegistryClient(ref, insecure=opts.insecure, ca_cert=opts.ca_cert, username=opts.username,
-                        password=opts.password, warn=lambda m: opts.reporter.log("warning", m)) as client:
-        return pull(client, ref, store, want, opts)
+    elif os.environ.get("HPCCONV_OFFLINE") == "1":
+        return _from_tag_offline(ref, store, want, opts, store.resolve(ref.canonical()), "HPCCONV_OFFLINE=1")
+    try:
+        with RegistryClient(ref, insecure=opts.insecure, ca_cert=opts.ca_cert, username=opts.username,
+                            password=opts.password, warn=lambda m: opts.reporter.log("warning", m)) as client:
+            return pull(client, ref, store, want, opts)
+    except NetworkError as e:
+        # a tag imported from an hpcconv bundle stays usable while its registry is unreachable;
+        # tags pulled from a registry never fall back (they may be stale)
+        desc = None if ref.digest else offline_descriptor(ref, store)
+        if desc is None:
+            raise
+        opts.reporter.log("warning", f"{ref.registry} unreachable ({e.message}); using {ref.canonical()} as "
+                                     f"imported from bundle {desc.annotations.get(BUNDLE_ANNOTATION)}")
+        return _from_tag_offline(ref, store, want, opts, desc, "the registry is unreachable")
+
+
+BUNDLE_ANNOTATION = "dev.hpcconv.bundle.id"
+
+
+def offline_descriptor(ref: Reference, store: Store) -> Descriptor | None:
+    """The store's entry for a tag imported by `hpcconv bundle import` (annotated with the bundle id)."""
+    d = store.resolve(ref.canonical())
+    if d is None or not d.annotations.get(BUNDLE_ANNOTATION) or not store.has(d.digest):
+        return None
+    return d
+
+
+def _from_tag_offline(ref: Reference, store: Store, want: Platform, opts: SourceOptions,
+                      desc: Descriptor | None, why: str) -> Image:
+    if desc is None:
+        raise SourceError(f"{ref.canonical()} is not in the store and {why}",
+                          hint="import the bundle that carries it (hpcconv bundle import) or use bundle:PATH")
+    img = from_store(ref.with_digest(desc.digest), store, want, opts)
+    if img is None:
+        raise SourceError(f"{ref.canonical()} in the store lacks the image for {want} and {why}",
+                          hint="pick a platform the bundle carried with --platform")
+    img.reference = ref.canonical()
+    return img
 
 
 # documents ---------------------------------------------------------------------------------------

@@ -1,0 +1,233 @@
+"""`hpcconv bundle create|verify|import|diff|keygen` and `hpcconv push` (kept out of cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Offline bundles for air-gapped centres: create, verify, import, diff, keygen.")
+
+KeyOpt = typer.Option(None, "--key", help="Trusted Ed25519 public key (PEM); repeat to trust several. "
+                                          "With a key, an unsigned or differently signed bundle is refused.")
+
+
+def _cli():
+    from . import cli
+
+    return cli
+
+
+def _platforms(platform: list[str] | None, profile: list[str] | None):
+    from .image import Platform
+
+    out = []
+    for p in platform or []:
+        out += [Platform.parse(x) for x in p.split(",") if x.strip()]
+    for name in profile or []:
+        from .profiles import load_profile
+
+        out.append(load_profile(name).platform)
+    return out or None
+
+
+def _make_opts(source_opts):
+    import dataclasses
+
+    def make(platform):
+        return dataclasses.replace(source_opts, platform=platform)
+
+    return make
+
+
+def _fail_json(e, command: str) -> None:
+    C = _cli()
+    if C.G.json:
+        C._emit_result({"command": command, "ok": False,
+                        "problems": [{"item": i, "problem": m} for i, m in getattr(e, "problems", [])]
+                        or [{"item": "", "problem": e.message}]}, [])
+
+
+@app.command()
+def create(
+    sources: List[str] = typer.Argument(..., help="Images to carry: docker://…, oci:…, docker-archive:…, docker-daemon:…, bundle:…"),
+    output: Path = typer.Option(..., "-o", "--output", help="NAME.hpcbundle to write (with --split: NAME.hpcbundle.part000…)."),
+    platform: Optional[List[str]] = typer.Option(None, "--platform", help="Platform(s) to carry from multi-arch images (repeat or comma-separate); default: all."),
+    profile: Optional[List[str]] = typer.Option(None, "--profile", help="Carry the platform of this site profile (repeatable)."),
+    include_outputs: Optional[Path] = typer.Option(None, "--include-outputs", help="Also carry the converted images in this directory."),
+    with_tool: bool = typer.Option(False, "--with-tool", help="Also carry a wheelhouse of hpcconv and its dependencies plus an install script."),
+    tool_python: Optional[str] = typer.Option(None, "--tool-python", help="Target Python version for --with-tool (default: this one, e.g. 3.11)."),
+    tool_platform: Optional[List[str]] = typer.Option(None, "--tool-platform", help="Target wheel platform tag(s) for --with-tool (default: this machine's, or the --profile's arch)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Write numbered parts of at most SIZE (e.g. 4G, 700M) plus part000, the part list."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Ed25519 private key (from `hpcconv bundle keygen`) to sign with."),
+    since: Optional[List[Path]] = typer.Option(None, "--since", help="Incremental: leave out the blobs this earlier bundle (or its part000) carried. Repeatable."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle of that name (and all its parts)."),
+    tmpdir: Optional[Path] = typer.Option(None, "--tmpdir", help="Scratch space for compressed members (default: next to the output)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow plain HTTP / unverified TLS for the registries named in SOURCES."),
+    ca_cert: Optional[Path] = typer.Option(None, "--ca-cert", help="PEM bundle of extra CAs for registry TLS."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Blob store directory."),
+    username: Optional[str] = typer.Option(None, "--username", help="Registry user; password from $HPCCONV_PASSWORD or --password-stdin."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the registry password from standard input."),
+):
+    """Write an offline bundle of images (one file or numbered parts) with a manifest of sha256s."""
+    from .bundle.create import CreateSpec, create as do_create, parse_size
+
+    C = _cli()
+    plats = _platforms(platform, profile)
+    tool = None
+    if with_tool:
+        from .bundle.tool import ToolSpec
+
+        tool = ToolSpec.for_target(tool_python, tool_platform, plats)
+    rep = C._reporter()
+    with rep.running():
+        opts = C._source_options(sources[0], None, insecure, ca_cert, store, username, password_stdin, rep)
+        spec = CreateSpec(sources=list(sources), out=output, platforms=plats, since=list(since or []),
+                          outputs=include_outputs, tool=tool, split=parse_size(split) if split else None,
+                          key=sign, force=force, tmpdir=tmpdir)
+        res = do_create(spec, _make_opts(opts), rep)
+    human = [f"wrote {f}" for f in res["files"]]
+    human.append(f"bundle id {res['id']}, manifest sha256 {res['manifest_sha256']}"
+                 + (f", signed by {res['signed_by']}" if res["signed_by"] else ", unsigned"))
+    for i in res["images"]:
+        human.append(f"  {i['ref']} {i['digest']} ({', '.join(i['platforms'])})")
+    human.append(f"{res['blobs']} blobs carried, {res['requires']} left to the base bundle(s), {res['bytes']} bytes")
+    C._emit_result(res, human)
+
+
+@app.command()
+def verify(
+    path: Path = typer.Argument(..., help="NAME.hpcbundle, or any of its parts."),
+    key: Optional[List[Path]] = KeyOpt,
+):
+    """Check every part on its own, the signature, every member's sha256 and every blob's digest (exit 4 on any problem)."""
+    from .bundle.fmt import load_public_key
+    from .bundle.reader import verify as do_verify
+    from .errors import CorruptInput
+
+    C = _cli()
+    keys = [load_public_key(k) for k in key or []]
+    rep = C._reporter()
+    try:
+        with rep.running():
+            res = do_verify(path, keys, rep)
+    except CorruptInput as e:
+        _fail_json(e, "bundle verify")
+        raise
+    res.update({"command": "bundle verify", "ok": True})
+    C._emit_result(res, _describe(res, "OK", bool(keys)))
+
+
+def _describe(res: dict, verdict: str, trusted: bool) -> list[str]:
+    sig = "unsigned"
+    if res.get("signed_by"):
+        sig = f"signed by {res['signed_by']}" + ("" if trusted else " (not checked against a trusted key: pass --key)")
+    out = [f"{res['bundle']}: {verdict} (id {res['id']}, created {res['created']}, {sig})"]
+    if res.get("split"):
+        out.append(f"  {res['parts']} parts, each matching its sha256 in part000")
+    for i in res["images"]:
+        out.append(f"  {i['ref']} {i['digest']} ({', '.join(i['platforms'])})")
+    out.append(f"  {res['blobs']} blobs" + (f", incremental: needs {res['requires']} blobs from "
+                                            + ", ".join(b.get('name') or b.get('id') for b in res['base'])
+                                            if res['requires'] else ""))
+    if res.get("outputs"):
+        out.append("  outputs: " + ", ".join(res["outputs"]))
+    return out
+
+
+@app.command("import")
+def import_(
+    path: Path = typer.Argument(..., help="NAME.hpcbundle, or any of its parts."),
+    key: Optional[List[Path]] = KeyOpt,
+    store: Optional[Path] = typer.Option(None, "--store", help="Blob store directory."),
+    outputs: Optional[Path] = typer.Option(None, "--outputs", help="Also write the bundle's converted images into this directory."),
+):
+    """Verify a bundle, then add its images to the store (idempotent; safe to re-run after an interruption)."""
+    from .bundle.fmt import load_public_key
+    from .bundle.importer import import_bundle
+    from .errors import CorruptInput
+
+    C = _cli()
+    keys = [load_public_key(k) for k in key or []]
+    rep = C._reporter()
+    try:
+        with rep.running():
+            res = import_bundle(path, str(store) if store else None, keys, rep, outputs)
+    except CorruptInput as e:
+        _fail_json(e, "bundle import")
+        raise
+    human = _describe(res, "imported", bool(keys))
+    human.append(f"  into {res['store']} ({res['blobs_written']} new blobs)")
+    human += [f"  wrote {p}" for p in res["outputs_extracted"]]
+    if res["images"]:
+        human.append(f"convert offline with: hpcconv convert {res['images'][0]['ref']} ... "
+                     f"(or bundle:{res['bundle']})")
+    C._emit_result(res, human)
+
+
+@app.command()
+def diff(
+    old: Path = typer.Argument(..., help="The bundle the centre already has (or its part000)."),
+    new: Path = typer.Argument(..., help="The newer full bundle."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write an incremental bundle: NEW without OLD's blobs."),
+    split: Optional[str] = typer.Option(None, "--split", help="With -o: parts of at most SIZE."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="With -o: Ed25519 private key to sign with."),
+    force: bool = typer.Option(False, "--force", help="With -o: replace an existing bundle."),
+):
+    """What NEW carries that OLD does not (images, blobs, bytes); with -o, the incremental bundle itself."""
+    from .bundle.diff import diff as do_diff
+
+    C = _cli()
+    rep = C._reporter()
+    with rep.running():
+        res = do_diff(old, new, output, split, sign, force, rep)
+    human = [f"{res['new']} against {res['old']}:"]
+    for i in res["images"]:
+        human.append(f"  {i['status']:9} {i['ref']} {i.get('digest', '')}")
+    human.append(f"  {len(res['added_blobs'])} blobs ({res['added_bytes']} bytes) new, "
+                 f"{res['shared_blobs']} shared, {len(res['removed_blobs'])} no longer used")
+    if output:
+        human += [f"wrote {f}" for f in res["files"]]
+    C._emit_result(res, human)
+
+
+@app.command()
+def keygen(
+    name: Path = typer.Argument(..., help="Writes NAME.key (private, mode 0600) and NAME.pub."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing key files."),
+):
+    """Make an Ed25519 key pair for signing bundles (PEM; the .pub goes to the centre)."""
+    from .bundle.fmt import generate_keys
+
+    C = _cli()
+    priv, pub = Path(f"{name}.key"), Path(f"{name}.pub")
+    kid = generate_keys(priv, pub, force)
+    C._emit_result({"command": "bundle keygen", "private_key": str(priv), "public_key": str(pub), "key_id": kid},
+                   [f"wrote {priv} (keep it secret) and {pub} (give it to the centre); key id {kid}"])
+
+
+def push(
+    source: str = typer.Argument(..., help="Image to publish: a reference in the store, bundle:PATH, oci:DIR…"),
+    dest: str = typer.Argument(..., help="docker://SITE-REGISTRY/REPO:TAG"),
+    platform: Optional[List[str]] = typer.Option(None, "--platform", help="Push only these platforms of a multi-arch image."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow plain HTTP / unverified TLS for the destination (and source) registry."),
+    ca_cert: Optional[Path] = typer.Option(None, "--ca-cert", help="PEM bundle of extra CAs for registry TLS."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Blob store directory."),
+    username: Optional[str] = typer.Option(None, "--username", help="Destination registry user; password from $HPCCONV_PASSWORD or --password-stdin."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the registry password from standard input."),
+):
+    """Publish an image (all its carried platforms) to a registry, e.g. a centre's local one after import."""
+    from .bundle.collect import collect
+    from .registry.push import push_plan
+
+    C = _cli()
+    rep = C._reporter()
+    with rep.running():
+        opts = C._source_options(source, None, insecure, ca_cert, store, username, password_stdin, rep)
+        plan = collect(source, _platforms(platform, None), _make_opts(opts))
+        res = push_plan(plan, dest, opts, rep)
+    C._emit_result(res, [f"pushed {source} to {res['dest']} {res['digest']} "
+                         f"({', '.join(res['platforms'])}; {res['uploaded']} blobs uploaded, "
+                         f"{res['existing']} already there)"] + [f"warning: {w}" for w in res["warnings"]])

@@ -42,6 +42,7 @@ class CreateSpec:
     key: Path | None = None
     force: bool = False
     tmpdir: Path | None = None
+    source_platforms: dict = field(default_factory=dict)   # source -> platforms, overriding `platforms`
 
 
 def parse_size(text: str) -> int:
@@ -192,7 +193,7 @@ def create(spec: CreateSpec, make_opts, reporter: Reporter = NULL) -> dict:
         raise UsageError(f"{existing[0]} exists", hint="choose another name or pass --force to replace it")
     have, bases = base_digests(spec.since) if spec.since else (set(), [])
 
-    plans = [collect(s, spec.platforms, make_opts) for s in spec.sources]
+    plans = [collect(s, spec.source_platforms.get(s, spec.platforms), make_opts) for s in spec.sources]
     seen_refs: dict[str, str] = {}
     for p in plans:
         if p.ref in seen_refs and seen_refs[p.ref] != p.top.digest:

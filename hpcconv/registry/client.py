@@ -238,14 +238,14 @@ class RegistryClient:
 
     # requests -------------------------------------------------------------------------------------
     def request(self, method: str, path: str, headers: dict | None = None, stream: bool = False,
-                cancelled=None) -> requests.Response:
+                cancelled=None, data: bytes | None = None) -> requests.Response:
         """An authenticated request to this registry; 401 retried once; redirects followed safely."""
         self.ping()
         url = f"{self.scheme}://{self.host}{path}"
         scopes = list(self.scopes)
         for attempt in range(2):
             h = {**(headers or {}), **self._auth_headers(scopes, force=attempt > 0)}
-            r, foreign = self._follow(method, url, h, stream, cancelled)
+            r, foreign = self._follow(method, url, h, stream, cancelled, data)
             if r.status_code != 401:
                 return r
             www = r.headers.get("WWW-Authenticate", "")
@@ -261,10 +261,10 @@ class RegistryClient:
                 break
         raise self._auth_failed()
 
-    def _follow(self, method: str, url: str, headers: dict, stream: bool, cancelled):
+    def _follow(self, method: str, url: str, headers: dict, stream: bool, cancelled, data: bytes | None = None):
         start = _origin(url)
         for _ in range(6):
-            r = self._send(method, url, headers, stream=stream, cancelled=cancelled)
+            r = self._send(method, url, headers, stream=stream, cancelled=cancelled, data=data)
             if r.status_code not in _REDIRECTS:
                 return r, _origin(url) != start
             loc = r.headers.get("Location")

@@ -474,3 +474,18 @@ def test_docker_archive_containerd_store_layout(tmp_path, store_dir):
     assert im.layers[0].media_type.endswith("+gzip")
     with pytest.raises(SourceError, match="missing"):
         open_source(f"docker-archive:{tmp_path / 'c.tar'}", _opts(store_dir, platform=Platform.parse("arm64")))
+
+
+@pytest.mark.docker
+def test_docker_archive_from_a_pipe(docker_engine, docker_busybox, tmp_path, store_dir):
+    """`docker save IMG | hpcconv export docker-archive:/dev/stdin`: streamed, nothing staged."""
+    save = subprocess.Popen(["docker", "-H", docker_engine.host, "save", docker_busybox], stdout=subprocess.PIPE)
+    r = subprocess.run([sys.executable, "-m", "hpcconv.cli", "export", "docker-archive:/dev/stdin",
+                        "-o", str(tmp_path / "root.tar")], stdin=save.stdout, capture_output=True, text=True)
+    save.stdout.close()
+    assert save.wait() == 0
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(tmp_path / "root.tar") as tf:
+        assert tf.getmember("bin/busybox").isfile()
+    refs = json.loads((store_dir / "index.json").read_text())["manifests"]
+    assert refs == []          # no store tag for a pipe

@@ -35,6 +35,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -319,6 +320,10 @@ def open_image(rest: str, opts: SourceOptions) -> Image:
     except OSError as e:
         raise SourceError(f"cannot open {what}: {e.strerror or e}") from None
     with f:
-        contents = read_archive(f, store, what, opts.reporter, total=os.fstat(f.fileno()).st_size)
-    reference = f"docker-archive:{path.resolve()}" + (f":{ref}" if ref else "")
-    return image_from_contents(contents, store, ref, reference, [reference], opts, what)
+        st = os.fstat(f.fileno())
+        total = st.st_size if stat.S_ISREG(st.st_mode) else None   # a pipe works too: it is streamed
+        contents = read_archive(f, store, what, opts.reporter, total=total)
+    regular = total is not None
+    reference = f"docker-archive:{path.resolve() if regular else path}" + (f":{ref}" if ref else "")
+    # a pipe has no name worth recording in the store; its blobs are kept all the same
+    return image_from_contents(contents, store, ref, reference, [reference] if regular else [], opts, what)

@@ -1,8 +1,10 @@
 """Profile-driven rewrite passes over the rootfs entry stream (one module per pass).
 
 ``base`` holds the framework (Pass, Scanner, PassRunner); ``elfinfo``/``x86scan`` read ELF facts while
-the bytes stream by; ``elf``, ``glibc``, ``mpi``, ``fabric`` and ``gpu`` are the passes. Today the
-passes observe and report checks (stage "rewrite"); they do not modify entries yet.
+the bytes stream by; ``elf``, ``glibc``, ``mpi``, ``fabric`` and ``gpu`` are the detection passes (they
+observe and report checks, stage "rewrite"); ``prepare`` changes the stream for a profile (bind
+targets, loader configuration, dropped driver libraries; stage "prepare") and its plan gives the
+image config's new environment. ``hpcconv.pipeline`` composes them.
 """
 
 from __future__ import annotations

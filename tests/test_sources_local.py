@@ -489,3 +489,34 @@ def test_docker_archive_from_a_pipe(docker_engine, docker_busybox, tmp_path, sto
         assert tf.getmember("bin/busybox").isfile()
     refs = json.loads((store_dir / "index.json").read_text())["manifests"]
     assert refs == []          # no store tag for a pipe
+
+
+# written by a real third-party tool -------------------------------------------------------------------------
+@pytest.mark.docker
+def test_layouts_written_by_skopeo(docker_engine, docker_busybox, busybox_amd64, tmp_path, store_dir):
+    """skopeo (containers/image) writes the OCI layout and its own docker-archive variant (layers at
+    the root, `<id>/layer.tar` symlinks); skopeo inspect is the oracle for what they contain."""
+    skopeo = need("skopeo")
+    archive = _docker_save(docker_engine, tmp_path, docker_busybox)
+    lay = tmp_path / "lay"
+
+    def sk(*args) -> bytes:
+        return subprocess.run([skopeo, *args], capture_output=True, check=True).stdout
+
+    sk("copy", "-q", f"docker-archive:{archive}", f"oci:{lay}:v1")
+    im = open_source(f"oci:{lay}:v1", _opts(store_dir))
+    assert im.digest == sha256(sk("inspect", "--raw", f"oci:{lay}:v1"))
+    assert im.config.raw == sk("inspect", "--config", "--raw", f"oci:{lay}:v1")
+    src_layer = gzip.decompress(busybox_amd64.blobs[json.loads(busybox_amd64.manifest)["layers"][0]["digest"]])
+    with im.layers[0].open() as f:
+        from hpcconv.compression import open_decompressed
+
+        assert _read_all(open_decompressed(f)) == src_layer
+
+    skarch = tmp_path / "skopeo.tar"
+    sk("copy", "-q", f"oci:{lay}:v1", f"docker-archive:{skarch}:x/y:1")
+    with tarfile.open(skarch) as tf:
+        assert any(m.issym() and m.name.endswith("/layer.tar") for m in tf)   # really the symlink variant
+    im2 = open_source(f"docker-archive:{skarch}:x/y:1", _opts(store_dir))
+    assert im2.config.raw == sk("inspect", "--config", "--raw", f"docker-archive:{skarch}")
+    assert [l.digest for l in im2.layers] == im2.config.diff_ids == [sha256(src_layer)]

@@ -22,6 +22,8 @@ from .image import Image
 from .progress import NULL
 
 EMITTERS = {"charliecloud": "charliecloud", "singularity": "singularity", "shifter": "shifter"}
+# which site runtimes (profiles.RUNTIMES) run each target's output
+RUNTIMES = {"charliecloud": ("charliecloud",), "singularity": ("singularity", "apptainer"), "shifter": ("shifter",)}
 
 
 def _available(img: Image):
@@ -141,9 +143,19 @@ def convert(source: str, opts, target: str, output: Path, fmt: str, compression:
         checks.items.append(pc)
         if pc.status == FAIL:
             return ConvertOutcome(img, checks, [], None, compression)
-    comp, cc = choose_compression(compression, profile)
-    if cc is not None and fmt in ("squashfs", "sif"):
-        checks.items.append(cc)
+    if fmt in ("squashfs", "sif"):
+        comp, cc = choose_compression(compression, profile)
+        if cc is not None:
+            checks.items.append(cc)
+    else:   # a tar's compression is not the site's business (ch-convert reads gzip and zstd)
+        comp = "gzip" if compression == "auto" else compression
+    if profile is not None and profile.site.runtimes:
+        allowed = RUNTIMES[target]
+        ok = [r for r in profile.site.runtimes if r in allowed]
+        checks.add("prepare", "prepare.runtime", "pass" if ok else "warn",
+                   f"{profile.name} runs {', '.join(profile.site.runtimes)}" + (
+                       f"; {target} output fits {ok[0]}" if ok else
+                       f"; it does not list {' or '.join(allowed)}: convert with the --target the site runs"))
     prep = prepare(img, profile)
     flat = Flattener(img, reporter=reporter)
     emitter = importlib.import_module(f".emit.{EMITTERS[target]}", __package__)

@@ -242,3 +242,29 @@ def test_runner_keeps_the_stream_contract_for_additions():
     got = [(e.path, e.type) for e in PassRunner([P()]).transform(iter(stream))]
     assert got == [("a", "dir"), ("a/keep", "file"), ("x", "dir"), ("x/y", "dir"), ("x/y/z", "dir"),
                    ("x/y/z/f", "file")]
+
+
+def test_target_runtime_against_the_site_and_tar_compression(mpi_image, tmp_path, store_dir):
+    out = tmp_path / "img.tar.gz"
+    r = hpcconv("--json", "convert", f"oci:{mpi_image}", "--profile", "lumi-c", "--format", "tar", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    c = {x["name"]: x for x in data["checks"]}
+    assert c["prepare.runtime"]["status"] == "warn" and "singularity" in c["prepare.runtime"]["detail"]
+    assert data["compression"] == "gzip" and "prepare.compression" not in c
+    with open(out, "rb") as f:
+        assert f.read(2) == b"\x1f\x8b"                       # gzip, whatever the site's squashfs list
+    sif = tmp_path / "img.sif"
+    r = hpcconv("--json", "convert", f"oci:{mpi_image}", "--profile", "lumi-c", "--target", "singularity",
+                "-o", str(sif))
+    c = {x["name"]: x for x in json.loads(r.stdout)["checks"]}
+    assert r.returncode == 0 and c["prepare.runtime"]["status"] == "pass"
+
+
+def test_export_of_a_wrong_arch_image_writes_nothing(tmp_path, deb_cache, store_dir):
+    from dockertools import busybox_layer
+
+    layout = image_layout(tmp_path / "bb", build_image([busybox_layer("amd64", deb_cache)]))
+    out = tmp_path / "root.tar"
+    r = hpcconv("export", f"oci:{layout}", "--profile", "alps-gh200", "-o", str(out))
+    assert r.returncode == 1 and not out.exists() and r.stdout.startswith("not exported: image is linux/amd64")

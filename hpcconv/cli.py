@@ -235,9 +235,11 @@ def export(
         img, n, checks, changes = pipeline.export(source, opts, None if str(output) == "-" else output,
                                                   profile=prof, raw=raw, reporter=rep)
     _checks_table(checks)
+    fail = next((c for c in checks.items if c.name == "platform" and c.status == "fail"), None)
     _emit_result({"command": "export", "source": source, "digest": img.digest, "output": str(output),
                   "entries": n, "checks": checks.to_json(), "changes": changes},
-                 [f"wrote {output} ({n} entries)"] if str(output) != "-" and n else [])
+                 ([f"not exported: {fail.detail}"] if str(output) != "-" else []) if fail else
+                 [f"wrote {output} ({n} entries)"] if str(output) != "-" else [])
     if checks.failed:
         raise typer.Exit(1)
 

@@ -425,3 +425,31 @@ def test_tar_format_name_check(tmp_path):
     assert "output name" not in {c.name for c in res.checks.items}
     with tarfile.open(tmp_path / "img.tar.gz", "r:gz") as tf:
         assert "ch/metadata.json" in tf.getnames()
+
+
+@pytest.mark.chrun
+def test_ch_image_builds_from_our_image(tmp_path, deb_cache, store_dir):
+    """Charliecloud's own builder as the oracle for /ch/metadata.json: `ch-image import` our tar.gz,
+    then `ch-image build` FROM it: RUN sees the image's ENV and WORKDIR only if ch-image parsed our
+    metadata (it ignores the config; it reads /ch/metadata.json)."""
+    need("ch-image")
+    from dockertools import busybox_image
+
+    extra = make_tar([T("srv", "dir"), T("srv/app", "dir")])
+    built = busybox_image("amd64", deb_cache, extra_layers=[extra],
+                          config={"Env": ["PATH=/bin:/usr/bin", "GREETING=from metadata"], "WorkingDir": "/srv/app",
+                                  "Labels": {"org.example": "yes"}})
+    out = tmp_path / "img.tar.gz"
+    convert(image_of(tmp_path, built, store_dir), out, "tar")
+    env = {**os.environ, "USER": "root", "CH_IMAGE_STORAGE": str(tmp_path / "chstore")}
+    chimage = ["/usr/bin/python3", need("ch-image")]     # Debian's ch-image needs the system python (lark)
+    r = subprocess.run([*chimage, "import", str(out), "hpcconv-import"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "Dockerfile").write_text('FROM hpcconv-import\nRUN echo "got: $GREETING in $(pwd)"\n')
+    r = subprocess.run([*chimage, "build", "--no-cache", "-t", "hpcconv-child", "-f", str(tmp_path / "Dockerfile"),
+                        str(tmp_path)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "got: from metadata in /srv/app" in r.stdout + r.stderr
+    child = tmp_path / "chstore" / "img" / "hpcconv-child" / "ch" / "metadata.json"
+    md = json.loads(child.read_text())
+    assert md["labels"] == {"org.example": "yes"} and md["env"]["GREETING"] == "from metadata"

@@ -22,6 +22,9 @@ follows its "Implications for hpcconv" checklist:
   the Docker way with `ch-run --set-env IMG -- /ch/run.sh [ARGS]` (ARGS replace CMD). Items of the
   same names already in the image are replaced (reported).
 
+Known limitation: a regular file that is dropped (under `dev/`, or one of our `/ch` names) takes the
+hardlinks to it along, because its content cannot be moved to a later name without buffering it.
+
 Ordering: the stream is passed through untouched in order, only metadata of a few watched paths is
 remembered, and the missing items are appended at the end (new paths, so the "directories first"
 contract holds; tar2sqfs and tar accept that order; file content is never buffered).

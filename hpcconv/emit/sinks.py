@@ -26,7 +26,9 @@ the block size (deflate's window is 32 KiB) and zstd gains ~8% from 64 KiB to 1 
 costs far more time than it saves space. Pass `block_size=65536` to match `ch-convert` exactly. `tar2sqfs` accepts entries in any order
 (a directory entry after its children only sets that directory's attributes; verified), so the
 Charliecloud emitter may append missing items at the end. Fallback when `tar2sqfs` is missing:
-`mksquashfs - OUT -tar -noappend` (squashfs-tools ≥ 4.6, or distributions that backport `-tar`).
+`mksquashfs - OUT -tar -noappend` (squashfs-tools ≥ 4.6, or distributions that backport `-tar`,
+as Debian 12's 4.5.1 does; there `-root-time 0` is not honoured, so that fallback is not
+byte-reproducible).
 Owners are taken from the stream (the Charliecloud emitter has already made them 0:0), so no
 `-all-root` is needed.
 

@@ -268,3 +268,20 @@ def test_export_of_a_wrong_arch_image_writes_nothing(tmp_path, deb_cache, store_
     out = tmp_path / "root.tar"
     r = hpcconv("export", f"oci:{layout}", "--profile", "alps-gh200", "-o", str(out))
     assert r.returncode == 1 and not out.exists() and r.stdout.startswith("not exported: image is linux/amd64")
+
+
+def test_an_earlier_ld_conf_listing_the_image_mpi_is_reported(tmp_path, store_dir):
+    def run(name):
+        layer = make_tar([T("etc", "dir"), T("etc/ld.so.conf.d", "dir"),
+                          T(f"etc/ld.so.conf.d/{name}", data=b"/opt/mpich/lib\n"),
+                          T("opt", "dir"), T("opt/mpich", "dir"), T("opt/mpich/lib", "dir"),
+                          T("opt/mpich/lib/libmpi.so.12", data=b"x")])
+        d = tmp_path / name
+        layout = image_layout(d, build_image([layer]))
+        r = hpcconv("--json", "export", f"oci:{layout}", "--profile", "lumi-c", "-o", str(d / "out.tar"))
+        assert r.returncode == 0, r.stderr
+        return {c["name"]: c for c in json.loads(r.stdout)["checks"]}["prepare.mpi"]
+
+    c = run("000_mpich.conf")          # before "00-hpcconv-..." when a UTF-8 collation ignores '-' and '_'
+    assert c["status"] == "warn" and "/etc/ld.so.conf.d/000_mpich.conf" in c["detail"] and "/opt/mpich/lib" in c["detail"]
+    assert run("zz-mpich.conf")["status"] == "pass"

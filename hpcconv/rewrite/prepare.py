@@ -61,6 +61,7 @@ LDCONFIG_NOTE = (
 _DRIVER_LIB = re.compile(r"(^|/)(libcuda|libnvidia-ml|libnvidia-ptxjitcompiler)\.so\.\d+(\.\d+)*$")
 _LIBC6 = re.compile(r"(^|/)(usr/)?lib(64|32)?(/[^/]+-linux-gnu[^/]*)?/libc\.so\.6$")
 _SO_FILE = re.compile(r"\.so(\.\d+)*$")
+_MPI_LIB = re.compile(r"(^|/)lib(mpi|mpich|mpi_abi)\.so(\.\d+)*$")
 _INCLUDE = re.compile(r"^\s*include\s+(/etc/)?ld\.so\.conf\.d/", re.M)
 
 
@@ -256,7 +257,8 @@ class PreparePass(Pass):
             self._watched.add(p)
             self._watched.update(_ancestors(p))
         self.seen: dict[str, str] = {}           # watched path -> type
-        self.conf_d: set[str] = set()            # names in /etc/ld.so.conf.d
+        self.conf_d: dict[str, list[str]] = {}   # /etc/ld.so.conf.d name -> directories it lists
+        self.mpi_dirs: set[str] = set()          # directories holding an MPI library in the image
         self.has_glibc = False
         self.has_cache = False
         self._changes: dict[str, Change] = {}
@@ -283,8 +285,14 @@ class PreparePass(Pass):
         p = entry.path
         if p in self._watched:
             self.seen[p] = entry.type
-        if p.startswith("etc/ld.so.conf.d/") and p.count("/") == 2:
-            self.conf_d.add(p.rsplit("/", 1)[1])
+        if p.startswith("etc/ld.so.conf.d/") and p.count("/") == 2 and p not in self.plan.files:
+            dirs = []
+            if entry.type == FILE and head is not None and entry.size <= len(head):
+                dirs = [ln.strip().rstrip("/") for ln in head.decode("utf-8", "replace").splitlines()
+                        if ln.strip().startswith("/")]
+            self.conf_d[p.rsplit("/", 1)[1]] = dirs
+        if entry.type != DIR and _MPI_LIB.search(p):
+            self.mpi_dirs.add("/" + p.rsplit("/", 1)[0])
         elif p == "etc/ld.so.cache":
             self.has_cache = True
         if entry.type in (FILE, HARDLINK, SYMLINK) and _LIBC6.search(p):
@@ -357,21 +365,38 @@ class PreparePass(Pass):
         problems = [w for c, w in self.blocked if c == concern] + [w for c, w in self.plan.skipped if c == concern]
         return made, problems
 
+    def _earlier_mpi_confs(self) -> list[str]:
+        """ld.so.conf.d files that may sort before hpcconv's (byte order, as in the C locale, or ignoring
+        punctuation, as a UTF-8 locale's collation does) and list a directory with an MPI library."""
+        ours = MPI_CONF.rsplit("/", 1)[1]
+
+        def alnum(n: str) -> str:
+            return re.sub(r"[^0-9A-Za-z]", "", n).lower()
+
+        out = []
+        for name, dirs in sorted(self.conf_d.items()):
+            if not (name < ours or alnum(name) < alnum(ours)):
+                continue
+            hit = [d for d in dirs if d in self.mpi_dirs]
+            if hit:
+                out.append(f"/etc/ld.so.conf.d/{name} may sort before hpcconv's entry and lists {hit[0]}, which "
+                           "holds the image's MPI: a rebuilt loader cache could prefer it (LD_LIBRARY_PATH still "
+                           "wins); rename or remove that file in the image")
+        return out
+
     def finish(self, profile=None) -> Checks:
         c = Checks()
         prof = self.profile
         made, problems = self._summary("mpi")
         if prof.mpi.mode == "host":
             dirs = ", ".join(prof.mpi.lib_dirs)
-            first = sorted(self.conf_d | {MPI_CONF.rsplit("/", 1)[1]})[0]
-            if first != MPI_CONF.rsplit("/", 1)[1]:
-                problems.append(f"/etc/ld.so.conf.d/{first} sorts before hpcconv's entry: a rebuilt loader cache "
-                                "may list its libraries first")
+            earlier = self._earlier_mpi_confs()
+            problems += earlier
             detail = (f"host MPI ({prof.mpi.implementation or prof.mpi.family}) bind targets {dirs}; "
                       f"/{MPI_CONF} lists them first; LD_LIBRARY_PATH starts with them"
                       + (f"; {'; '.join(problems)}" if problems else ""))
-            c.add(STAGE, "prepare.mpi", WARN if any("not created" in p or "not written" in p or "sorts before" in p
-                                                    for p in problems) else PASS, detail)
+            bad = earlier or any(c == "mpi" for c, _ in self.blocked)
+            c.add(STAGE, "prepare.mpi", WARN if bad else PASS, detail)
             if not self.has_cache and self.has_glibc and "sarus" in prof.site.runtimes:
                 c.add(STAGE, "prepare.ld-cache", WARN,
                       "the image has no /etc/ld.so.cache: Sarus' MPI hook finds the container's MPI through it "

@@ -104,7 +104,7 @@ class Prepared:
         return c
 
 
-def prepare(image: Image, profile) -> Prepared:
+def prepare(image: Image, profile, target: str | None = None) -> Prepared:
     """Detection passes always; with a profile, the preparation pass and the config copy with its Env."""
     from .rewrite import default_passes
     from .rewrite.base import PassRunner
@@ -113,7 +113,7 @@ def prepare(image: Image, profile) -> Prepared:
     passes = default_passes(image.config.env)
     prep = None
     if profile is not None:
-        plan = make_plan(profile)
+        plan = make_plan(profile, target)
         image, notes = prepared_image(image, plan)
         prep = PreparePass(profile, plan, notes)
         passes.append(prep)
@@ -156,7 +156,7 @@ def convert(source: str, opts, target: str, output: Path, fmt: str, compression:
                    f"{profile.name} runs {', '.join(profile.site.runtimes)}" + (
                        f"; {target} output fits {ok[0]}" if ok else
                        f"; it does not list {' or '.join(allowed)}: convert with the --target the site runs"))
-    prep = prepare(img, profile)
+    prep = prepare(img, profile, target)
     flat = Flattener(img, reporter=reporter)
     emitter = importlib.import_module(f".emit.{EMITTERS[target]}", __package__)
     res = emitter.emit(prep.runner.transform(flat.entries()), prep.image, output, fmt=fmt, compression=comp,

@@ -110,8 +110,12 @@ def test_shifter_meta_and_squashfs(mpi_image, tmp_path, store_dir):
             in meta)
     lls = subprocess.run(["unsquashfs", "-lls", str(next(out.glob("*.squashfs")))], capture_output=True, text=True,
                          check=True).stdout
-    for d in ("global/homes", "global/cfs", "pscratch", "opt/udiImage/modules/mpich/dep", "etc/libibverbs.d"):
+    for d in ("global/homes", "global/cfs", "pscratch", "etc/libibverbs.d"):
         assert f"squashfs-root/{d}\n" in lls + "\n", d
+    assert "squashfs-root/opt/udiImage" not in lls      # Shifter's own site content goes there
+    c = {x["name"]: x for x in json.loads(hpcconv("--json", "convert", f"oci:{mpi_image}", "--target", "shifter",
+                                                  "--profile", "perlmutter-cpu", "-o", str(out), "--force").stdout)["checks"]}
+    assert "Shifter provides /opt/udiImage itself" in c["prepare.mpi"]["detail"]
 
 
 def test_apptainer_environment(mpi_image, tmp_path, store_dir):

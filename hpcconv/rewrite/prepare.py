@@ -54,7 +54,7 @@ SQUASHFS_WRITABLE = ("gzip", "zstd")     # what the sinks write
 EXAMPLES = 5
 LDCONFIG_NOTE = (
     "loader cache not rebuilt, by design: no library is added, so the image's own /etc/ld.so.cache stays "
-    "valid; the empty bind targets win at run time through LD_LIBRARY_PATH (searched before the cache, "
+    "valid for them; the empty bind targets win at run time through LD_LIBRARY_PATH (searched before the cache, "
     "under every runtime) and through the ld.so.conf.d entry that sorts first when a runtime rebuilds the "
     "cache at start (Sarus hooks: ldconfig -r; podman-hpc: the container's ldconfig); hpcconv never runs "
     "ldconfig itself (no rootfs on disk, and no code of the image's architecture on the host)")
@@ -131,7 +131,9 @@ class Plan:
         self.dir(target, concern)
 
 
-def make_plan(profile) -> Plan:
+def make_plan(profile, target: str | None = None) -> Plan:
+    """The preparation for PROFILE; TARGET (charliecloud, singularity, shifter) only drops what that
+    runtime provides itself (Shifter fills /opt/udiImage with its own site content, which wins)."""
     plan = Plan()
     mpi = profile.mpi
     if mpi.mode == "host":
@@ -159,6 +161,9 @@ def make_plan(profile) -> Plan:
         plan.dir(d, "site")
     for spec in profile.site.binds:
         plan.bind(spec, "site", "site.binds")
+    if target == "shifter":
+        for d in [d for d in plan.dirs if d == "opt/udiImage" or d.startswith("opt/udiImage/")]:
+            plan.skipped.append((plan.dirs.pop(d), f"/{d} not created: Shifter provides /opt/udiImage itself"))
     for k, v in profile.interconnect.env.items():
         plan.env.append(EnvEdit(k, "set", v, "interconnect.env"))
     for k, v in profile.site.env.items():
@@ -421,9 +426,13 @@ class PreparePass(Pass):
         if self.env_notes:
             c.add(STAGE, "prepare.env", PASS, "; ".join(self.env_notes))
         if self.plan.files:
+            dropped = self._changes.get("driver-lib-dropped")
             c.add(STAGE, "prepare.ldconfig", SKIP if not self.has_glibc else PASS,
                   ("no glibc in the image: ld.so.conf entries are inert, LD_LIBRARY_PATH does the work; "
                    if not self.has_glibc else "") + LDCONFIG_NOTE
+                  + (f"; the {dropped.count} dropped driver libraries may leave stale cache entries, which ld.so "
+                     "skips (it falls back to its search path) and GPU runtimes rewrite (nvidia-container-cli runs "
+                     "ldconfig)" if dropped and self.has_cache else "")
                   + ("; /etc/ld.so.conf now includes /etc/ld.so.conf.d" if self.ld_conf_fixed else ""))
         return c
 

@@ -242,3 +242,25 @@ def test_inspect_says_what_is_inside(mpich_image, store_dir):
     assert "MPI: MPICH-ABI MPI (libmpi.so.12 12.2.2" in text and "libc: glibc 2." in text
     cfg = json.loads(hpcconv("inspect", f"oci:{mpich_image}", "--config-only", "--json").stdout)
     assert "inside" not in cfg
+
+
+def test_profile_all_on_a_multi_arch_index_judges_each_site_on_its_platform(tmp_path, deb_cache, store_dir):
+    from hpcconv import pipeline
+    from hpcconv.sources import SourceOptions
+
+    a = build_image([busybox_layer("amd64", deb_cache)])
+    b = build_image([busybox_layer("arm64", deb_cache)], arch="arm64", variant="v8")
+    idx, blobs = build_index([(a, {"os": "linux", "architecture": "amd64"}),
+                              (b, {"os": "linux", "architecture": "arm64", "variant": "v8"})])
+    layout = write_layout(tmp_path / "multi", idx, blobs)
+    calls = []
+    real_scan = pipeline.scan
+    pipeline.scan = lambda image, *a, **kw: calls.append(str(image.platform)) or real_scan(image, *a, **kw)
+    try:
+        rows, _ = pipeline.check_all(f"oci:{layout}", SourceOptions())
+    finally:
+        pipeline.scan = real_scan
+    assert sorted(calls) == ["linux/amd64", "linux/arm64"]
+    by = {r["profile"]: r for r in rows}
+    assert by["alps-gh200"]["platform"] == "linux/arm64" and by["alps-gh200"]["verdict"] != "fail"
+    assert by["lumi-c"]["platform"] == "linux/amd64" and by["lumi-c"]["verdict"] != "fail"

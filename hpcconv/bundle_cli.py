@@ -14,9 +14,13 @@ KeyOpt = typer.Option(None, "--key", help="Trusted Ed25519 public key (PEM); rep
                                           "With a key, an unsigned or differently signed bundle is refused.")
 
 
-def _cli():
+def _cli(ctx: typer.Context):
+    """cli.py's helpers, with its globals synced from the root context (under `python -m hpcconv.cli`
+    the module running is __main__, a different copy from the `hpcconv.cli` imported here)."""
     from . import cli
 
+    p = ctx.find_root().params
+    cli.G.quiet, cli.G.json, cli.G.verbose = bool(p.get("quiet")), bool(p.get("json_out")), p.get("verbose") or 0
     return cli
 
 
@@ -42,8 +46,7 @@ def _make_opts(source_opts):
     return make
 
 
-def _fail_json(e, command: str) -> None:
-    C = _cli()
+def _fail_json(C, e, command: str) -> None:
     if C.G.json:
         C._emit_result({"command": command, "ok": False,
                         "problems": [{"item": i, "problem": m} for i, m in getattr(e, "problems", [])]
@@ -52,6 +55,7 @@ def _fail_json(e, command: str) -> None:
 
 @app.command()
 def create(
+    ctx: typer.Context,
     sources: List[str] = typer.Argument(..., help="Images to carry: docker://…, oci:…, docker-archive:…, docker-daemon:…, bundle:…"),
     output: Path = typer.Option(..., "-o", "--output", help="NAME.hpcbundle to write (with --split: NAME.hpcbundle.part000…)."),
     platform: Optional[List[str]] = typer.Option(None, "--platform", help="Platform(s) to carry from multi-arch images (repeat or comma-separate); default: all."),
@@ -74,7 +78,7 @@ def create(
     """Write an offline bundle of images (one file or numbered parts) with a manifest of sha256s."""
     from .bundle.create import CreateSpec, create as do_create, parse_size
 
-    C = _cli()
+    C = _cli(ctx)
     plats = _platforms(platform, profile)
     tool = None
     if with_tool:
@@ -99,6 +103,7 @@ def create(
 
 @app.command()
 def verify(
+    ctx: typer.Context,
     path: Path = typer.Argument(..., help="NAME.hpcbundle, or any of its parts."),
     key: Optional[List[Path]] = KeyOpt,
 ):
@@ -107,14 +112,14 @@ def verify(
     from .bundle.reader import verify as do_verify
     from .errors import CorruptInput
 
-    C = _cli()
+    C = _cli(ctx)
     keys = [load_public_key(k) for k in key or []]
     rep = C._reporter()
     try:
         with rep.running():
             res = do_verify(path, keys, rep)
     except CorruptInput as e:
-        _fail_json(e, "bundle verify")
+        _fail_json(C, e, "bundle verify")
         raise
     res.update({"command": "bundle verify", "ok": True})
     C._emit_result(res, _describe(res, "OK", bool(keys)))
@@ -139,6 +144,7 @@ def _describe(res: dict, verdict: str, trusted: bool) -> list[str]:
 
 @app.command("import")
 def import_(
+    ctx: typer.Context,
     path: Path = typer.Argument(..., help="NAME.hpcbundle, or any of its parts."),
     key: Optional[List[Path]] = KeyOpt,
     store: Optional[Path] = typer.Option(None, "--store", help="Blob store directory."),
@@ -149,14 +155,14 @@ def import_(
     from .bundle.importer import import_bundle
     from .errors import CorruptInput
 
-    C = _cli()
+    C = _cli(ctx)
     keys = [load_public_key(k) for k in key or []]
     rep = C._reporter()
     try:
         with rep.running():
             res = import_bundle(path, str(store) if store else None, keys, rep, outputs)
     except CorruptInput as e:
-        _fail_json(e, "bundle import")
+        _fail_json(C, e, "bundle import")
         raise
     human = _describe(res, "imported", bool(keys))
     human.append(f"  into {res['store']} ({res['blobs_written']} new blobs)")
@@ -169,6 +175,7 @@ def import_(
 
 @app.command()
 def diff(
+    ctx: typer.Context,
     old: Path = typer.Argument(..., help="The bundle the centre already has (or its part000)."),
     new: Path = typer.Argument(..., help="The newer full bundle."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write an incremental bundle: NEW without OLD's blobs."),
@@ -179,7 +186,7 @@ def diff(
     """What NEW carries that OLD does not (images, blobs, bytes); with -o, the incremental bundle itself."""
     from .bundle.diff import diff as do_diff
 
-    C = _cli()
+    C = _cli(ctx)
     rep = C._reporter()
     with rep.running():
         res = do_diff(old, new, output, split, sign, force, rep)
@@ -195,13 +202,14 @@ def diff(
 
 @app.command()
 def keygen(
+    ctx: typer.Context,
     name: Path = typer.Argument(..., help="Writes NAME.key (private, mode 0600) and NAME.pub."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing key files."),
 ):
     """Make an Ed25519 key pair for signing bundles (PEM; the .pub goes to the centre)."""
     from .bundle.fmt import generate_keys
 
-    C = _cli()
+    C = _cli(ctx)
     priv, pub = Path(f"{name}.key"), Path(f"{name}.pub")
     kid = generate_keys(priv, pub, force)
     C._emit_result({"command": "bundle keygen", "private_key": str(priv), "public_key": str(pub), "key_id": kid},
@@ -209,6 +217,7 @@ def keygen(
 
 
 def push(
+    ctx: typer.Context,
     source: str = typer.Argument(..., help="Image to publish: a reference in the store, bundle:PATH, oci:DIR…"),
     dest: str = typer.Argument(..., help="docker://SITE-REGISTRY/REPO:TAG"),
     platform: Optional[List[str]] = typer.Option(None, "--platform", help="Push only these platforms of a multi-arch image."),
@@ -222,7 +231,7 @@ def push(
     from .bundle.collect import collect
     from .registry.push import push_plan
 
-    C = _cli()
+    C = _cli(ctx)
     rep = C._reporter()
     with rep.running():
         opts = C._source_options(source, None, insecure, ca_cert, store, username, password_stdin, rep)

@@ -4,9 +4,10 @@ the selected platforms' manifests, configs and layers, each as a re-openable, ve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO, Callable
 
-from ..errors import NetworkError, SourceError
+from ..errors import AuthError, NetworkError, SourceError
 from ..image import Descriptor, Image, Index, Platform, VerifyingReader, digest_bytes, host_platform
 from ..sources import SourceOptions, open_source, parse_source
 
@@ -62,7 +63,19 @@ def ref_name(spec: str, image: Image) -> str:
             return image.reference
     if transport == "bundle":
         return image.reference
-    return image.reference
+    # oci:DIR[:TAG], docker-archive:PATH: a local name, podman-style, usable as `localhost/NAME:TAG`
+    import re
+
+    if transport == "oci":
+        from ..sources.oci_layout import split_dir_tag
+
+        d, tag = split_dir_tag(rest)
+        base, tag = Path(d).name, tag or "latest"
+    else:
+        base, tag = Path(rest).stem, "latest"
+    base = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-._") or "image"
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", tag)[:128] or "latest"
+    return f"localhost/{base}:{tag}"
 
 
 def probe_platforms(spec: str, opts: SourceOptions) -> list[Platform] | None:
@@ -113,12 +126,23 @@ def collect(spec: str, platforms: list[Platform] | None, make_opts: Callable[[Pl
                 if not p.matches(first.platform):
                     images.append(open_source(spec, make_opts(p)))
     else:
+        # a filter: each wanted platform the image has is carried; none at all is an error
+        first_error = None
         for p in want:
-            img = open_source(spec, make_opts(p))
+            try:
+                img = open_source(spec, make_opts(p))
+            except SourceError as e:
+                if isinstance(e, (NetworkError, AuthError)):
+                    raise
+                first_error = first_error or e
+                continue
             if img.index is None and not img.platform.matches(p):
-                raise SourceError(f"{spec} is a {img.platform} image, not {p}")
+                first_error = first_error or SourceError(f"{spec} is a {img.platform} image, not {p}")
+                continue
             if not any(i.digest == img.digest for i in images):
                 images.append(img)
+        if not images:
+            raise first_error
     first = images[0]
     name = ref_name(spec, first)
     plan_blobs: dict[str, Blob] = {}

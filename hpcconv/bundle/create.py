@@ -201,8 +201,6 @@ def create(spec: CreateSpec, make_opts, reporter: Reporter = NULL) -> dict:
         seen_refs[p.ref] = p.top.digest
 
     tmpdir = spec.tmpdir or out.parent
-    for q in existing:
-        q.unlink()
     blobs: dict = {}
     for p in plans:
         for d, b in p.blobs.items():
@@ -261,6 +259,10 @@ def create(spec: CreateSpec, make_opts, reporter: Reporter = NULL) -> dict:
               "manifest_sha256": fmt.sha256_hex(body), "signed_by": fmt.key_id(fmt.public_raw(key.public_key()))
               if key else "", "images": body_doc["images"], "blobs": len(carried), "requires": len(requires),
               "bytes": cw.total, "files": [str(out)]}
+    written = {str(out)} if not spec.split else {str(out.with_name(p["name"])) for p in cw.parts}
+    stale = [q for q in existing if str(q) not in written]
+    for q in sorted(stale, key=lambda q: not q.name.endswith(".part000")):   # an old part list goes first
+        q.unlink()
     if spec.split:
         parts_doc = {"hpcbundle_parts": fmt.FORMAT, "bundle": out.name, "manifest_sha256": fmt.sha256_hex(body),
                      "manifest": body_doc, "container": {"size": cw.total, "sha256": cw.whole.hexdigest()},

@@ -37,11 +37,15 @@ class _Tee:
 
 def _import_blob(b: Bundle, e: dict, store: Store, task) -> None:
     digest, size, path = e["digest"], e["blob_size"], e["path"]
+    if store.has(digest):
+        b._check_member(e, task)                    # already imported: still check the bundle's copy
+        return
     for attempt in range(2):
         h = hashlib.sha256()
         with store.writer(digest, size) as w:
-            if store.has(digest):
-                b._check_member(e, task)            # already imported: still check the bundle's copy
+            if store.has(digest):                   # another process published it meanwhile
+                w.discard()
+                b._check_member(e, task)
                 return
             raw = b.open_stored(path)
             tee = _Tee(raw, h, task)

@@ -57,20 +57,44 @@ def open_image(rest: str, opts: SourceOptions) -> Image:
     b = Bundle.open(path, keys, check_parts=False)
     where = f"bundle {b.loc.display}"
     img = _pick(b.doc.get("images", []), sel, where)
+    store = None
+
+    def blob_opener(digest: str):
+        """From the bundle, or for an incremental bundle's base blobs, from the store."""
+        nonlocal store
+        if digest in b.blob_entries:
+            return b.open_blob(digest)
+        from ..image import VerifyingReader
+        from ..store import Store
+
+        need = {r["digest"]: r["size"] for r in b.doc.get("requires", [])}
+        store = store or Store.open(opts.store_path)
+        if digest not in need or not store.has(digest):
+            return b.open_blob(digest)                      # raises: not carried, base not imported
+        return VerifyingReader(store.open_blob(digest), digest, need[digest], "blob")
+
+    def read(digest: str, limit: int) -> bytes:
+        with blob_opener(digest) as s:
+            data = s.read(limit + 1)
+            s.read()
+        if len(data) > limit:
+            raise SourceError(f"blob {digest} is over the {limit}-byte limit")
+        return data
+
     want = opts.platform or host_platform()
     desc = Descriptor(img["mediaType"], img["digest"], img["size"])
     index = None
-    raw = b.read_blob(desc.digest, MAX_DOC)
+    raw = read(desc.digest, MAX_DOC)
     if desc.media_type in INDEX_TYPES or manifest_kind(parse_json(raw, "manifest")) == "index":
         index = Index.parse(raw, desc.media_type)
         desc = index.select(want)
-        if desc.digest not in b.blob_entries:
+        if desc.digest not in b.blob_entries and desc.digest not in {r["digest"] for r in b.doc.get("requires", [])}:
             raise SourceError(f"{where} does not carry the {want} image of {img['ref']}",
                               hint="carried: " + ", ".join(img.get("platforms", [])))
-        raw = b.read_blob(desc.digest, MAX_DOC)
+        raw = read(desc.digest, MAX_DOC)
     manifest = Manifest.parse(raw, desc.media_type)
-    config = ImageConfig.parse(b.read_blob(manifest.config.digest, MAX_CONFIG))
+    config = ImageConfig.parse(read(manifest.config.digest, MAX_CONFIG))
     if index is None and opts.platform is not None and not config.platform.matches(opts.platform):
         raise SourceError(f"{img['ref']} in {where} is a {config.platform} image, not {opts.platform}")
-    layers = [Layer(d, (lambda dg=d.digest: b.open_blob(dg)), i) for i, d in enumerate(manifest.layers)]
+    layers = [Layer(d, (lambda dg=d.digest: blob_opener(dg)), i) for i, d in enumerate(manifest.layers)]
     return Image(img["ref"], manifest, config, layers, index=index, source="bundle")

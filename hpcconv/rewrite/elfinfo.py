@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 ELF_MAGIC = b"\x7fELF"
 PT_LOAD, PT_DYNAMIC, PT_INTERP, PT_NOTE, PT_GNU_PROPERTY = 1, 2, 3, 4, 0x6474E553
 PF_X = 1
-DT_NEEDED, DT_STRTAB, DT_SONAME, DT_STRSZ = 1, 5, 14, 10
+DT_NEEDED, DT_STRTAB, DT_SONAME, DT_STRSZ, DT_RPATH, DT_RUNPATH = 1, 5, 14, 10, 15, 29
 NT_GNU_ABI_TAG, NT_GNU_PROPERTY_TYPE_0 = 1, 5
 GNU_PROPERTY_X86_ISA_1_USED = 0xC0010002
 GNU_PROPERTY_X86_ISA_1_NEEDED = 0xC0008002
@@ -54,6 +54,8 @@ class ElfInfo:
     interp: str | None = None
     soname: str | None = None
     needed: list[str] = field(default_factory=list)
+    rpath: str | None = None        # DT_RPATH (searched before LD_LIBRARY_PATH, ignored when DT_RUNPATH is set)
+    runpath: str | None = None      # DT_RUNPATH
     dynamic_resolved: bool = False  # needed/soname could be read
     isa_needed: int | None = None   # GNU_PROPERTY_X86_ISA_1_NEEDED bitmask
     isa_used: int | None = None
@@ -221,6 +223,7 @@ class ElfScanner:
     def _dynamic(self, dyn: bytes, prefix: bytes, e: str) -> None:
         fmt, size = (e + "qQ", 16) if self.info.elf_class == 64 else (e + "iI", 8)
         needed_off, soname_off, strtab = [], None, None
+        paths: dict[int, int] = {}
         for o in range(0, len(dyn) - size + 1, size):
             tag, val = struct.unpack_from(fmt, dyn, o)
             if tag == 0:
@@ -231,6 +234,8 @@ class ElfScanner:
                 soname_off = val
             elif tag == DT_STRTAB:
                 strtab = val
+            elif tag in (DT_RPATH, DT_RUNPATH):
+                paths[tag] = val
         if strtab is None:
             self.info.dynamic_resolved = not needed_off and soname_off is None
             return
@@ -251,6 +256,8 @@ class ElfScanner:
             return
         self.info.needed = names  # type: ignore[assignment]
         self.info.soname = so
+        self.info.rpath = s(paths[DT_RPATH]) if DT_RPATH in paths else None
+        self.info.runpath = s(paths[DT_RUNPATH]) if DT_RUNPATH in paths else None
         self.info.dynamic_resolved = True
 
 

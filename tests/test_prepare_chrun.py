@@ -86,3 +86,30 @@ def test_bind_target_exists_only_because_of_the_profile(mpi_app, tmp_path, store
     assert r.returncode == 0, r.stderr
     bad = chrun(out, "/usr/local/bin/mpiapp", binds=[f"{hostdir}:/opt/hpcconv/host-mpi/lib"])
     assert bad.returncode != 0 or bad.stdout.strip() != "host"
+
+
+@pytest.mark.parametrize("dtags,wins", [("--disable-new-dtags", "container"), ("--enable-new-dtags", "host")])
+def test_an_rpath_to_the_image_mpi_beats_ld_library_path_and_is_reported(tmp_path, store_dir, dtags, wins):
+    """DT_RPATH is searched before LD_LIBRARY_PATH (DT_RUNPATH after): with an RPATH naming the image's
+    MPI directory the host MPI loses under ch-run, and the check says so."""
+    import json
+
+    need("gcc")
+    ctr = marked_libmpi(tmp_path / "ctr", "container")
+    marked_libmpi(tmp_path / "host", "host", "12.4.0")
+    app = gcc(tmp_path / "mpiapp", APP, f"-L{ctr.parent}", "-l:libmpi.so.12", "-Wl,-rpath,/opt/mpich/lib",
+              f"-Wl,{dtags}")
+    root = rootfs(tmp_path / "root", {**glibc_files(), "usr/local/bin/mpiapp": app,
+                                      "opt/mpich/lib/libmpi.so.12.1.0": ctr},
+                  {"opt/mpich/lib/libmpi.so.12": "libmpi.so.12.1.0"})
+    layout = layout_of(tmp_path, root)
+    r = hpcconv("--json", "convert", f"oci:{layout}", "--profile", "lumi-c", "-o", str(tmp_path / "img.sqfs"))
+    assert r.returncode == 0, r.stderr
+    c = {x["name"]: x for x in json.loads(r.stdout)["checks"]}["prepare.mpi"]
+    run = chrun(tmp_path / "img.sqfs", "/usr/local/bin/mpiapp", binds=[f"{tmp_path / 'host'}:/opt/hpcconv/host-mpi/lib"])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == wins
+    if wins == "container":
+        assert c["status"] == "warn" and "DT_RPATH /opt/mpich/lib" in c["detail"] and "/usr/local/bin/mpiapp" in c["detail"]
+    else:
+        assert c["status"] == "pass" and "DT_RPATH" not in c["detail"]

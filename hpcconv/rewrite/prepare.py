@@ -77,6 +77,12 @@ def bind_target(spec: str) -> str:
     return parts[1] if len(parts) > 1 else parts[0]
 
 
+def _normpath(path: str) -> str:
+    import posixpath
+
+    return posixpath.normpath(path) if path else path
+
+
 def _ancestors(path: str) -> list[str]:
     parts = path.split("/")
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
@@ -269,6 +275,7 @@ class PreparePass(Pass):
         self._changes: dict[str, Change] = {}
         self.blocked: list[tuple[str, str]] = []
         self.ld_conf_fixed = False
+        self.rpaths: list[tuple[str, str]] = []   # (ELF path, DT_RPATH) of MPI users with an RPATH
 
     # changes -------------------------------------------------------------------------------------------
     def change(self, kind: str, description: str, what: str) -> None:
@@ -303,6 +310,27 @@ class PreparePass(Pass):
         if entry.type in (FILE, HARDLINK, SYMLINK) and _LIBC6.search(p):
             self.has_glibc = True
         return None
+
+    def observe_elf(self, entry: Entry, elf) -> None:
+        if self.profile.mpi.mode == "host" and elf.rpath and not elf.runpath \
+                and any(_MPI_LIB.search(n) for n in elf.needed):
+            self.rpaths.append((entry.path, elf.rpath))
+
+    def _rpath_problems(self) -> list[str]:
+        """MPI users whose DT_RPATH (searched before LD_LIBRARY_PATH) names a directory with the
+        image's MPI: there the container's MPI wins over the bound host MPI."""
+        out = []
+        for path, rpath in self.rpaths:
+            origin = "/" + path.rsplit("/", 1)[0] if "/" in path else "/"
+            for d in rpath.split(":"):
+                d = d.replace("${ORIGIN}", origin).replace("$ORIGIN", origin).rstrip("/")
+                d = "/" + "/".join(p for p in _normpath(d).split("/") if p)
+                if d in self.mpi_dirs:
+                    out.append(f"/{path} has DT_RPATH {rpath}, searched before LD_LIBRARY_PATH, and {d} holds the "
+                               "image's MPI: the container's MPI wins over the host's; relink with "
+                               "-Wl,--enable-new-dtags (DT_RUNPATH) or remove the RPATH (patchelf --remove-rpath)")
+                    break
+        return out
 
     def edit(self, entry: Entry, head):
         p = entry.path
@@ -395,7 +423,7 @@ class PreparePass(Pass):
         made, problems = self._summary("mpi")
         if prof.mpi.mode == "host":
             dirs = ", ".join(prof.mpi.lib_dirs)
-            earlier = self._earlier_mpi_confs()
+            earlier = self._earlier_mpi_confs() + self._rpath_problems()
             problems += earlier
             detail = (f"host MPI ({prof.mpi.implementation or prof.mpi.family}) bind targets {dirs}; "
                       f"/{MPI_CONF} lists them first; LD_LIBRARY_PATH starts with them"

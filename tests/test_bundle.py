@@ -442,3 +442,31 @@ def test_with_tool_installs_offline_in_fresh_venv(tmp_path, benv):
     r = subprocess.run(["sh", str(centre / "tool" / "install.sh"), str(centre / "venv2")], capture_output=True,
                        text=True, env=offline, timeout=600)
     assert r.returncode == 4 and "SHA256SUMS" in r.stderr
+
+
+@pytest.mark.registry
+def test_push_chunked_with_token_auth(tmp_path, benv, token_registry, token_server, test_certs):
+    """A layer over the 16 MiB monolithic limit goes up in PATCH chunks; the token carries pull,push."""
+    from registryfix import PASSWORD, USER
+
+    big = make_tar([T("d", "dir"), T("d/big", data=os.urandom(40 << 20))])
+    img = build_image([big, make_tar([T("e", "dir"), T("e/x", data=b"x")])], compression="gzip")
+    image_layout(tmp_path / "lay", img, "t")
+    env = {**benv, "HPCCONV_PASSWORD": PASSWORD}
+    ok(hpc("push", f"oci:{tmp_path / 'lay'}:t", f"docker://{token_registry.host}/private/pushed:1",
+           "--ca-cert", str(test_certs.ca), "--username", USER, env=env))
+    assert inspect_raw(token_registry, "private/pushed:1", creds=f"{USER}:{PASSWORD}") == img.manifest
+    got = tmp_path / "back"
+    skopeo("copy", "--src-cert-dir", str(test_certs.cert_dir), "--src-creds", f"{USER}:{PASSWORD}",
+           f"docker://{token_registry.host}/private/pushed:1", f"oci:{got}:x",
+           env=clean_env(SSL_CERT_FILE=test_certs.ca))
+    for d in [json.loads(img.manifest)["config"]["digest"]] + [l["digest"] for l in json.loads(img.manifest)["layers"]]:
+        assert (got / "blobs" / "sha256" / d.split(":")[1]).read_bytes() == img.blobs[d]
+    patches = [q for q in token_registry.requests_log() if q[0] == "PATCH" and "private/pushed" in q[1]]
+    assert len(patches) >= 3 and all(q[2] == 202 for q in patches)     # 40 MiB in 16 MiB chunks
+    scopes = [s["path"] for s in token_server.seen if "private%2Fpushed" in s["path"] or "private/pushed" in s["path"]]
+    assert any("push" in s for s in scopes)
+    # wrong password: exit 3, nothing half-published under the tag
+    r = hpc("push", f"oci:{tmp_path / 'lay'}:t", f"docker://{token_registry.host}/private/other:1",
+            "--ca-cert", str(test_certs.ca), "--username", USER, env={**benv, "HPCCONV_PASSWORD": "wrong"})
+    assert r.returncode == 3, r.stderr

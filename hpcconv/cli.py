@@ -74,7 +74,7 @@ class Compression(str, Enum):
 
 
 # shared options ----------------------------------------------------------------------------------------
-PlatformOpt = typer.Option(None, "--platform", help="OS/ARCH[/VARIANT] to pick from a multi-arch image, e.g. linux/arm64.")
+PlatformOpt = typer.Option(None, "--platform", help="OS/ARCH or OS/ARCH/VARIANT to pick from a multi-arch image, e.g. linux/arm64.")
 InsecureOpt = typer.Option(False, "--insecure", help="Allow plain HTTP (and unverified TLS) for the registry named in SOURCE, and only for it.")
 CaCertOpt = typer.Option(None, "--ca-cert", help="PEM bundle of extra CAs for registry TLS (also: SSL_CERT_FILE).")
 StoreOpt = typer.Option(None, "--store", help="Blob store directory (default $HPCCONV_STORE or ~/.cache/hpcconv/store).")

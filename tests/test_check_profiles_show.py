@@ -38,3 +38,11 @@ def test_profiles_show_resolves(name):
         assert all(not d.startswith("/") and d for d in plan.dirs)
         if prof.mpi.mode == "host":
             assert all(d.lstrip("/") in plan.dirs for d in prof.mpi.lib_dirs)
+
+
+@pytest.mark.parametrize("cmd", [["pull"], ["inspect"], ["export"], ["convert"], ["check"], ["profiles", "list"],
+                                 ["profiles", "show"]])
+def test_every_command_has_help(cmd):
+    """Help texts are rendered with rich markup: a '[...]' in them must not break --help."""
+    r = hpcconv(*cmd, "--help")
+    assert r.returncode == 0 and "Usage" in r.stdout, r.stderr[-300:]

@@ -197,6 +197,18 @@ def export(source: str, opts, output: Path | None, profile=None, raw: bool = Fal
     return img, n, checks, prep.changes
 
 
+def load_target_profile(name: str):
+    """A profile to check or convert for: a site or generic one (a fragment only describes a part)."""
+    from .errors import ProfileError
+    from .profiles import load_profile
+
+    prof = load_profile(name)
+    if prof.kind == "fragment":
+        raise ProfileError(f"profile {prof.name} is a fragment (a building block for 'extends'), not a machine",
+                           hint="use a site or generic profile (hpcconv profiles list), or write one that extends it")
+    return prof
+
+
 def site_profiles() -> list:
     from .profiles import list_profiles
 

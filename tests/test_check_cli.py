@@ -264,3 +264,10 @@ def test_profile_all_on_a_multi_arch_index_judges_each_site_on_its_platform(tmp_
     by = {r["profile"]: r for r in rows}
     assert by["alps-gh200"]["platform"] == "linux/arm64" and by["alps-gh200"]["verdict"] != "fail"
     assert by["lumi-c"]["platform"] == "linux/amd64" and by["lumi-c"]["verdict"] != "fail"
+
+
+def test_a_fragment_is_not_a_target(mpich_image):
+    r = hpcconv("check", f"oci:{mpich_image}", "--profile", "gpu-nvidia")
+    assert r.returncode == 2 and "fragment" in r.stderr and "Traceback" not in r.stderr
+    r = hpcconv("convert", f"oci:{mpich_image}", "--profile", "x86-64-v3", "-o", "/nonexistent/x.sqfs")
+    assert r.returncode == 2 and "fragment" in r.stderr

@@ -352,9 +352,9 @@ def check(
 
 
 def _load_profile(name: str):
-    from .profiles import load_profile
+    from .pipeline import load_target_profile
 
-    return load_profile(name)
+    return load_target_profile(name)
 
 
 from .profiles_cli import app as _profiles_app  # noqa: E402  (sub-app: hpcconv profiles list|show)

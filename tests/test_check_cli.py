@@ -271,3 +271,16 @@ def test_a_fragment_is_not_a_target(mpich_image):
     assert r.returncode == 2 and "fragment" in r.stderr and "Traceback" not in r.stderr
     r = hpcconv("convert", f"oci:{mpich_image}", "--profile", "x86-64-v3", "-o", "/nonexistent/x.sqfs")
     assert r.returncode == 2 and "fragment" in r.stderr
+
+
+def test_registry_sources_get_the_platform_verdict_too(plain_registry, plain_images, store_dir):
+    """Through the real registry source: a single-arch amd64 image on an arm64 site is a failed
+    platform check (exit 1), not a source error (exit 3); an index is picked by the profile."""
+    host = plain_registry.host
+    r = hpcconv("check", f"docker://{host}/test/busybox:amd64", "--profile", "alps-gh200", "--insecure", "--json")
+    assert r.returncode == 1, r.stderr
+    c = {x["name"]: x for x in json.loads(r.stdout)["checks"]}
+    assert list(c) == ["platform"] and c["platform"]["status"] == "fail"
+    r = hpcconv("check", f"docker://{host}/test/multi:latest", "--profile", "alps-gh200", "--insecure", "--json")
+    data = json.loads(r.stdout)
+    assert data["platform"] == "linux/arm64" and {x["name"]: x for x in data["checks"]}["platform"]["status"] == "pass"

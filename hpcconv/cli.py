@@ -284,7 +284,7 @@ def convert(
     result = {"command": "convert", "source": source, "digest": img.digest, "platform": str(img.platform),
               "target": target.value, "format": fmt_name, "output": str(output), "compression": out.compression,
               "profile": prof.name if prof else None,
-              "checks": checks.to_json(), "changes": out.changes, "run": res.run_hint}
+              "checks": checks.to_json(), "changes": out.changes, "run": res.run_hint, "site_run": out.site_run}
     if target is Target.shifter:
         result.update({"shifter_id": res.image_id, "files": [str(res.squashfs), str(res.meta)], "note": res.note})
     if report:
@@ -297,6 +297,8 @@ def convert(
     if checks.failed:
         human.append("some checks failed: the image will not run as is" + (f" at {prof.name}" if prof else ""))
     human.append(f"run it with: {res.run_hint}")
+    if out.site_run:
+        human.append(f"at {prof.name}: {out.site_run}")
     _emit_result(result, human)
     if target is Target.shifter and not (G.quiet or G.json):
         typer.echo(res.note)  # plain, unwrapped: it holds commands to copy

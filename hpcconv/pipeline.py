@@ -127,6 +127,7 @@ class ConvertOutcome:
     changes: list[dict]
     emit: object | None          # the emitter's result; None when the platform check failed
     compression: str
+    site_run: str | None = None  # the run line at the site: binds and launcher from the profile
 
 
 def convert(source: str, opts, target: str, output: Path, fmt: str, compression: str = "auto",
@@ -164,7 +165,8 @@ def convert(source: str, opts, target: str, output: Path, fmt: str, compression:
     checks.extend(flat.checks)
     checks.extend(prep.finish())
     checks.extend(res.checks)
-    return ConvertOutcome(prep.image, checks, prep.changes + list(res.changes), res, comp)
+    return ConvertOutcome(prep.image, checks, prep.changes + list(res.changes), res, comp,
+                          site_run_hint(profile, target, res.run_hint))
 
 
 def export(source: str, opts, output: Path | None, profile=None, raw: bool = False, reporter=NULL,
@@ -195,6 +197,49 @@ def export(source: str, opts, output: Path | None, profile=None, raw: bool = Fal
                    + "; ".join(prep.prepare.env_notes))
         checks.items[:] = [c for c in checks.items if not (c.name == "prepare.env" and c.status == "pass")]
     return img, n, checks, prep.changes
+
+
+HOST_MPI_PLACEHOLDER = "HOST_MPI_LIBDIR"
+
+
+def site_run_hint(profile, target: str, hint: str) -> str | None:
+    """The emitter's run line with the profile's binds and launcher: the host MPI directory bound at
+    the first ``mpi.lib_dirs`` target (HOST_MPI_LIBDIR when the profile does not know the host path;
+    HOST_MPI_DEPDIR for a further directory, such as the MPI's dependencies, outside the first),
+    ``mpi.binds`` and ``site.binds``; ``srun --mpi=`` with the profile's first PMI. None when the target
+    has no bind syntax here (Shifter: the site's modules do it)."""
+    import shlex
+
+    from .rewrite.prepare import _SO_FILE, bind_target
+
+    if profile is None or target == "shifter":
+        return None
+    pairs: list[tuple[str, str]] = []
+    if profile.mpi.mode == "host" and profile.mpi.lib_dirs:
+        first = profile.mpi.lib_dirs[0]
+        known = [b.split(":")[0] for b in profile.mpi.binds if bind_target(b) == first]
+        pairs.append((known[0] if known else HOST_MPI_PLACEHOLDER, first))
+        for i, d in enumerate(profile.mpi.lib_dirs[1:]):
+            if not d.startswith(first.rstrip("/") + "/") and not [b for b in profile.mpi.binds if bind_target(b) == d]:
+                pairs.append((f"HOST_MPI_DEPDIR{i + 1 if i else ''}", d))
+    for spec in list(profile.mpi.binds) + list(profile.site.binds):
+        src, dst = spec.split(":")[0], bind_target(spec)
+        if (src, dst) in pairs or any(d == dst for _, d in pairs):
+            continue
+        if target == "charliecloud" and _SO_FILE.search(dst.rsplit("/", 1)[-1]):
+            continue   # ch-run binds onto existing targets only; a file target is not in the image
+        pairs.append((src, dst))
+    if not pairs and not profile.mpi.pmi:
+        return None
+    srun = f"srun --mpi={profile.mpi.pmi[0]} " if profile.mpi.pmi else ""
+    words = hint.split(" ", 1)
+    if target == "charliecloud" and hint.startswith("ch-run "):
+        binds = " ".join(f"-b {shlex.quote(s if s == d else f'{s}:{d}')}" for s, d in pairs)
+        return f"{srun}ch-run {binds} {words[1]}".replace("  ", " ")
+    if target == "singularity" and hint.startswith("apptainer run "):
+        binds = ",".join(s if s == d else f"{s}:{d}" for s, d in pairs)
+        return f"{srun}apptainer run --bind {shlex.quote(binds)} {hint.split(' ', 2)[2]}" if binds else srun + hint
+    return None
 
 
 def load_target_profile(name: str):

@@ -113,3 +113,26 @@ def test_an_rpath_to_the_image_mpi_beats_ld_library_path_and_is_reported(tmp_pat
         assert c["status"] == "warn" and "DT_RPATH /opt/mpich/lib" in c["detail"] and "/usr/local/bin/mpiapp" in c["detail"]
     else:
         assert c["status"] == "pass" and "DT_RPATH" not in c["detail"]
+
+
+def test_the_printed_site_run_line_runs_with_the_host_mpi(mpi_app, tmp_path, store_dir):
+    """`convert --profile` prints the run line for the site (binds from the profile, srun with its PMI);
+    with the host MPI directory filled in and without srun (no Slurm here) it runs as printed."""
+    import json
+    import shlex
+
+    layout, hostdir = mpi_app
+    out = tmp_path / "img.sqfs"
+    r = hpcconv("--json", "convert", f"oci:{layout}", "--profile", "supermuc-ng", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout)["site_run"]
+    assert line.startswith("srun --mpi=pmi2 ch-run -b HOST_MPI_LIBDIR:/opt/hpcconv/host-mpi/lib ")
+    words = shlex.split(line.replace("HOST_MPI_LIBDIR", str(hostdir)).replace("HOST_MPI_DEPDIR", str(hostdir)))
+    words = words[2:]                                             # drop srun --mpi=pmi2
+    words[0] = need("ch-run")
+    words = words[:words.index("--") + 1] + ["/usr/local/bin/mpiapp"]
+    run = subprocess.run(words, capture_output=True, text=True, env={**os.environ, "USER": "root"}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "host"
+    human = hpcconv("convert", f"oci:{layout}", "--profile", "supermuc-ng", "-o", str(out), "--force").stdout
+    assert f"at supermuc-ng: {line}" in human

@@ -195,6 +195,14 @@ def test_flip_byte_in_blob(made, benv, tmp_path):
     assert json.loads((tmp_path / "s" / "index.json").read_text())["manifests"] == []   # nothing tagged
 
 
+def test_flip_byte_in_member_header(made, benv):
+    members = tar_members(made["single"])
+    name = next(n for n in members if n.startswith("blobs/"))
+    flip(made["single"], members[name].offset + 20)          # the header's name field: its checksum fails
+    r = hpc("bundle", "verify", str(made["single"]), env=benv)
+    bad(r, made["single"].name, f"byte {members[name].offset}")
+
+
 def test_flip_byte_in_part(made, benv):
     part = made["parts"][3]
     flip(part, part.stat().st_size // 2)

@@ -30,9 +30,11 @@ class ImagePlan:
     children: list[Descriptor] = field(default_factory=list)   # carried manifests of an index
     blobs: dict[str, Blob] = field(default_factory=dict)       # documents first, then configs, layers
 
+    complete: bool = True                 # every manifest its index lists is carried
+
     @property
     def partial(self) -> bool:
-        return len(self.platforms) < len(self.available)
+        return not self.complete
 
 
 def _bytes_blob(raw: bytes, media_type: str, digest: str | None = None) -> Blob:
@@ -173,7 +175,9 @@ def collect(spec: str, platforms: list[Platform] | None, make_opts: Callable[[Pl
     for img in images:
         for layer in img.layers:
             plan_blobs.setdefault(layer.digest, _layer_blob(layer))
-    return ImagePlan(name, spec, top, [str(i.platform) for i in images], available, children, plan_blobs)
+    complete = first.index is None or {m.digest for m in first.index.manifests} <= {c.digest for c in children}
+    return ImagePlan(name, spec, top, [str(i.platform) for i in images], available, children, plan_blobs,
+                     complete)
 
 
 def _dedupe(ps: list[Platform]) -> list[Platform]:

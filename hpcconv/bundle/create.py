@@ -188,7 +188,8 @@ def create(spec: CreateSpec, make_opts, reporter: Reporter = NULL) -> dict:
     if not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} does not exist")
     key = fmt.load_private_key(spec.key) if spec.key else None
-    existing = [q for q in [out, *out.parent.glob(out.name + ".part*")] if q.exists()]
+    existing = [q for q in [out, *out.parent.glob(out.name + ".part*")]
+                if q.exists() and (q == out or fmt.PART_RE.fullmatch(q.name[len(out.name):]))]
     if existing and not spec.force:
         raise UsageError(f"{existing[0]} exists", hint="choose another name or pass --force to replace it")
     have, bases = base_digests(spec.since) if spec.since else (set(), [])

@@ -453,11 +453,16 @@ def scan_tar(f, size: int, what: str) -> list[Member]:
         raise CorruptInput(f"{what}: the container is not a readable tar archive ({e})") from None
     end = tf.offset
     f.seek(end)
-    rest = f.read(size - end)
-    if rest.strip(b"\0"):
-        raise CorruptInput(f"{what}: the container is damaged at byte {end} (a tar header fails its checksum, "
-                           f"or data follows the end of the archive)")
-    if len(rest) < 2 * BLOCK:
+    left = size - end
+    while left > 0:
+        chunk = f.read(min(CHUNK, left))
+        if not chunk:
+            break
+        if chunk.strip(b"\0"):
+            raise CorruptInput(f"{what}: the container is damaged at byte {end} (a tar header fails its checksum, "
+                               f"or data follows the end of the archive)")
+        left -= len(chunk)
+    if size - end < 2 * BLOCK:
         raise CorruptInput(f"{what}: the container is truncated (no end-of-archive marker)")
     out = []
     for ti in infos:

@@ -130,8 +130,8 @@ def push_plan(plan, dest: str, opts: SourceOptions, reporter) -> dict:
             from ..image import digest_bytes
 
             top_digest = digest_bytes(top_raw)
-            warnings.append(f"only {', '.join(plan.platforms)} of {', '.join(plan.available)} are available: "
-                            f"pushed a new index {top_digest} instead of {plan.top.digest}")
+            warnings.append(f"the index {plan.top.digest} lists manifests that are not available (carried: "
+                            f"{', '.join(plan.platforms)}): pushed a new index {top_digest} of those")
     uploaded = existing = 0
     with RegistryClient(ref, insecure=opts.insecure, ca_cert=opts.ca_cert, username=opts.username,
                         password=opts.password, warn=lambda m: reporter.log("warning", m)) as client:

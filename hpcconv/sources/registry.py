@@ -35,7 +35,10 @@ def open_image(rest: str, opts: SourceOptions) -> Image:
         img = from_store(ref, store, want, opts)
         if img is not None:
             return img
-    elif os.environ.get("HPCCONV_OFFLINE") == "1":
+    if os.environ.get("HPCCONV_OFFLINE") == "1":       # never the network: store only
+        if ref.digest:
+            raise SourceError(f"{ref} is not (completely) in the store and HPCCONV_OFFLINE=1",
+                              hint="import the bundle that carries it (hpcconv bundle import)")
         return _from_tag_offline(ref, store, want, opts, store.resolve(ref.canonical()), "HPCCONV_OFFLINE=1")
     try:
         with RegistryClient(ref, insecure=opts.insecure, ca_cert=opts.ca_cert, username=opts.username,
@@ -199,7 +202,17 @@ def download_all(client: RegistryClient, store: Store, descs: list[Descriptor], 
 
     with ThreadPoolExecutor(max_workers=max(1, opts.max_workers), thread_name_prefix="blob") as ex:
         futures = [ex.submit(one, d) for d in todo.values()]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        try:
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            # Ctrl-C (or any other abort): running downloads stop at their next chunk (their partial
+            # files stay for a resume), queued ones never start; give them a moment, then go
+            stop.set()
+            for f in futures:
+                f.cancel()
+            wait(futures, timeout=5)
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
         errors = [f.exception() for f in done if f.exception() is not None]
         if errors:
             stop.set()

@@ -27,7 +27,7 @@ from ..errors import AuthError, CorruptInput, NetworkError, SourceError
 from ..image import MANIFEST_ACCEPT, Descriptor
 from ..reference import Reference
 from . import auth, credentials
-from .http import MAX_ATTEMPTS, Trust, backoff, new_session, send
+from .http import MAX_ATTEMPTS, Trust, backoff, min_rate, new_session, send
 
 MAX_MANIFEST = 8 << 20
 MAX_TOKEN_RESPONSE = 1 << 20
@@ -37,6 +37,31 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 class _Cancelled(Exception):
     pass
+
+
+class _TooSlow(Exception):
+    pass
+
+
+class _RateWatch:
+    """Cut a body that arrives slower than `rate` bytes/s for longer than `grace` seconds (the
+    read timeout only catches a server that sends nothing at all)."""
+
+    def __init__(self, rate: float, grace: float):
+        import time
+
+        self.rate, self.grace, self._now = rate, grace, time.monotonic
+        self.t0, self.n = self._now(), 0
+
+    def saw(self, n: int) -> None:
+        if self.rate <= 0 or self.grace <= 0:
+            return
+        self.n += n
+        elapsed = self._now() - self.t0
+        if elapsed >= self.grace:
+            if self.n / elapsed < self.rate:
+                raise _TooSlow(f"slower than {self.rate:.0f} bytes/s for {elapsed:.0f} s")
+            self.t0, self.n = self._now(), 0          # a fresh window
 
 
 def _origin(url: str) -> str:
@@ -373,21 +398,30 @@ class RegistryClient:
                     pos = self._restart(w, task)
                 elif r.status_code not in (200, 206) or (r.status_code == 206 and not pos):
                     self._fail(r, f"blob {desc.digest}")
+                watch = _RateWatch(*min_rate())
                 try:
                     while True:
                         if cancelled is not None and cancelled():
                             raise _Cancelled()
-                        chunk = r.raw.read(CHUNK, decode_content=False)
+                        # read1: whatever has arrived (up to CHUNK), so the watchdog and the
+                        # cancel flag are looked at while a slow server trickles
+                        chunk = r.raw.read1(CHUNK, decode_content=False) if hasattr(r.raw, "read1") \
+                            else r.raw.read(CHUNK, decode_content=False)
                         if not chunk:
                             break
                         w.write(chunk)
                         pos += len(chunk)
                         if task is not None:
                             task.advance(len(chunk))
-                except (urllib3.exceptions.HTTPError, requests.RequestException, ConnectionError, TimeoutError) as e:
+                        watch.saw(len(chunk))
+                except (urllib3.exceptions.HTTPError, requests.RequestException, ConnectionError, TimeoutError,
+                        _TooSlow) as e:
                     failures += 1
                     if failures >= MAX_ATTEMPTS:
-                        raise NetworkError(f"download of blob {desc.digest} keeps failing: {type(e).__name__}") from None
+                        why = str(e) if isinstance(e, _TooSlow) else type(e).__name__
+                        raise NetworkError(f"download of blob {desc.digest} keeps failing: {why}",
+                                           hint="check the network; HPCCONV_MIN_RATE/HPCCONV_SLOW_TIMEOUT and "
+                                                "--timeout set what counts as stalled") from None
                     import time
 
                     time.sleep(backoff(failures))

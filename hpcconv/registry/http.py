@@ -9,8 +9,11 @@
 * Retries: 429/500/502/503/504 and connection errors, exponential backoff with jitter, honouring
   `Retry-After` (seconds or an HTTP date), bounded attempts. TLS errors are not retried; a refused
   connection or unknown host is retried once.
-* Knobs (environment): HPCCONV_HTTP_ATTEMPTS (5), HPCCONV_BACKOFF_BASE (0.5 s),
-  HPCCONV_CONNECT_TIMEOUT (30 s), HPCCONV_READ_TIMEOUT (120 s).
+* Knobs (environment, read when a request is made): HPCCONV_HTTP_ATTEMPTS (5),
+  HPCCONV_BACKOFF_BASE (0.5 s), HPCCONV_CONNECT_TIMEOUT (30 s), HPCCONV_READ_TIMEOUT (120 s, also
+  `--timeout`: no byte for that long aborts the read), HPCCONV_MIN_RATE (1024 bytes/s) and
+  HPCCONV_SLOW_TIMEOUT (60 s): a blob body arriving slower than the minimum rate for longer than
+  that is cut and resumed with Range, like a dropped connection (the rate watchdog; 0 disables it).
 """
 
 from __future__ import annotations
@@ -35,6 +38,23 @@ BACKOFF_BASE = float(os.environ.get("HPCCONV_BACKOFF_BASE", "0.5"))
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
 USER_AGENT = "hpcconv/0.1 (+python-requests)"
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+def timeouts() -> tuple[float, float]:
+    """(connect, read) timeouts for requests, from the environment at call time."""
+    return _env_float("HPCCONV_CONNECT_TIMEOUT", 30), _env_float("HPCCONV_READ_TIMEOUT", 120)
+
+
+def min_rate() -> tuple[float, float]:
+    """(bytes/s, seconds): the blob rate watchdog's minimum rate and how long it may be undercut."""
+    return _env_float("HPCCONV_MIN_RATE", 1024), _env_float("HPCCONV_SLOW_TIMEOUT", 60)
 
 
 def base_bundle() -> str:
@@ -116,7 +136,7 @@ def send(session: requests.Session, method: str, url: str, *, headers: dict, ver
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")   # InsecureRequestWarning when the user chose --insecure
                 r = session.request(method, url, headers=headers, verify=verify, stream=stream, data=data,
-                                    allow_redirects=False, timeout=TIMEOUT, proxies=get_environ_proxies(url))
+                                    allow_redirects=False, timeout=timeouts(), proxies=get_environ_proxies(url))
         except requests.exceptions.SSLError:
             raise
         except (requests.ConnectionError, requests.Timeout) as e:

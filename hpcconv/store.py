@@ -7,10 +7,20 @@
       tmp/                       partial downloads: <algo>-<hex>.partial (+ .lock), resumable
       locks/                     index.json lock
 
+      leases/                    one file per live process that uses the store (see below)
+
 Rules: a blob reaches `blobs/` only after its full content matched its digest (write to a temp
 file, fsync, rename). Several processes may share the store: renames are atomic, a partial download
 is owned by whoever holds its `flock`, index.json updates happen under a lock and are written
-atomically.
+atomically. Disk full (ENOSPC/EDQUOT) is a one-line StoreError and leaves no partial file behind.
+
+Garbage collection (`hpcconv store gc`, store_maint.py) and live processes: every `has(digest)` a
+process makes records the digest in that process's lease file (`leases/<host>-<pid>-<rand>`, held
+with an exclusive flock until the process exits), under a shared flock on `locks/gc.lock`. gc holds
+that lock exclusively while it reads index.json and the live leases and deletes, so a blob a running
+pull or conversion has looked at is never removed under it; a lease whose flock gc can take belongs
+to a dead process and is removed. Lock files are re-checked after locking (same inode as the path),
+so gc may delete stale ones safely.
 """
 
 from __future__ import annotations
@@ -43,19 +53,84 @@ class StoreError(HpcconvError):
     exit_code = 3
 
 
-@contextlib.contextmanager
-def _flock(path: Path, blocking: bool = True) -> Iterator[bool]:
+def _lock_fd(path: Path, blocking: bool = True, shared: bool = False) -> int | None:
+    """An fd holding a flock on `path` (created if needed), or None (non-blocking, busy). After the
+    lock is taken the path must still name the locked inode: someone (gc) may have removed the file
+    while we waited, and a lock on an unlinked inode protects nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            got = True
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            got = False
-        yield got
-    finally:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _flock(path: Path, blocking: bool = True, shared: bool = False) -> Iterator[bool]:
+    fd = _lock_fd(path, blocking, shared)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class _Lease:
+    """This process's lease on one store: digests it has looked at (gc keeps them while we live)."""
+
+    def __init__(self, root: Path):
+        import secrets
+        import socket
+
+        self.root = root
+        self.seen: set[str] = set()
+        d = root / "leases"
+        d.mkdir(parents=True, exist_ok=True)
+        self.path = d / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.fd = _lock_fd(self.path)
+        self.pid = os.getpid()
+
+    def add(self, digest: str) -> None:
+        if digest in self.seen:
+            return
+        os.write(self.fd, (digest + "\n").encode())
+        self.seen.add(digest)
+
+
+_LEASES: dict[str, _Lease] = {}
+_LEASE_LOCK = __import__("threading").Lock()
+
+
+def _lease(root: Path, digest: str) -> None:
+    """Record `digest` in this process's lease under a shared gc lock (see the module notes)."""
+    key = str(root)
+    try:
+        with _LEASE_LOCK:
+            lease = _LEASES.get(key)
+            if lease is None or lease.pid != os.getpid():      # a forked child takes its own lease
+                lease = _LEASES[key] = _Lease(root)
+            if digest in lease.seen:
+                return
+            with _flock(root / "locks" / "gc.lock", shared=True):
+                lease.add(digest)
+    except OSError:
+        pass          # a read-only store cannot be collected by us either: nothing to protect
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -68,9 +143,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and _disk_full(e):
+            raise StoreError(f"disk full while writing {path}",
+                             hint="free space or point HPCCONV_STORE (--store) at a larger file system") from None
         raise
 
 
@@ -124,9 +202,20 @@ class BlobWriter:
         assert self._f is not None
         if self.size is not None and self.offset + self.written + len(data) > self.size:
             raise CorruptInput(f"blob {self.digest} is larger than its declared size {self.size}")
-        self._f.write(data)
+        try:
+            self._f.write(data)
+        except OSError as e:
+            self._full(e)
         self._h.update(data)
         self.written += len(data)
+
+    def _full(self, e: OSError):
+        """Disk full: drop the partial file (it only takes space) and say so in one line."""
+        if not _disk_full(e):
+            raise e
+        self.discard()
+        raise StoreError(f"disk full while writing blob {self.digest} into {self.store.root}",
+                         hint="free space or point HPCCONV_STORE (--store) at a larger file system") from None
 
     def commit(self) -> Path:
         """Verify and publish. On mismatch the partial file is deleted and CorruptInput raised."""
@@ -138,19 +227,25 @@ class BlobWriter:
             if self.size is not None and total != self.size:
                 raise CorruptInput(f"blob {self.digest}: got {total} bytes, expected {self.size}")
             raise CorruptInput(f"blob {self.digest} does not match its content (got {got})")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
-        dest = self.store.blob_path(self.digest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+            dest = self.store.blob_path(self.digest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self._full(e)
         os.chmod(self.partial, 0o644)
         os.replace(self.partial, dest)
         return dest
 
     def discard(self) -> None:
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass            # its buffer could not be flushed (disk full): the file goes anyway
             self._f = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.partial)
@@ -162,9 +257,15 @@ class BlobWriter:
                 if isinstance(exc, CorruptInput):
                     self.discard()
                 else:
-                    self._f.close()
+                    try:
+                        self._f.close()
+                    except OSError:
+                        self.discard()      # could not flush what we kept: do not leave a torn prefix
                     self._f = None
         finally:
+            # the lock file is only a mutex: remove it while we hold it (a waiter re-checks the inode)
+            with contextlib.suppress(OSError):
+                os.unlink(self._lockfile)
             self._lock_cm.__exit__(None, None, None)
 
 
@@ -195,7 +296,10 @@ class Store:
         return self.root / "blobs" / algo / hexd
 
     def has(self, digest: str) -> bool:
-        return self.blob_path(digest).is_file()
+        """Whether the blob is in the store. Also leases it to this process (gc keeps it for us)."""
+        path = self.blob_path(digest)
+        _lease(self.root, digest)
+        return path.is_file()
 
     def open_blob(self, digest: str) -> BinaryIO:
         try:

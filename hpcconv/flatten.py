@@ -126,6 +126,38 @@ def clean_name(name: str) -> list[str]:
     return parts
 
 
+DEFAULT_MAX_EXPANDED = 128 << 30
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """`1048576`, `512M`, `64G`, `1T` (binary units; a trailing `B`/`iB` is allowed). 0 = no limit."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in _UNITS else (t, "")
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 64G, 0 for no limit)") from None
+    if value < 0:
+        raise ValueError(f"not a size: {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def default_max_expanded() -> int | None:
+    """The cap on an image's total uncompressed layer bytes: $HPCCONV_MAX_EXPANDED (a size, 0 = no
+    cap; the CLI's --max-expanded sets it), else 128 GiB. Guards against decompression bombs."""
+    raw = __import__("os").environ.get("HPCCONV_MAX_EXPANDED", "")
+    try:
+        cap = parse_size(raw) if raw.strip() else DEFAULT_MAX_EXPANDED
+    except ValueError:
+        cap = DEFAULT_MAX_EXPANDED
+    return cap or None
+
+
+class _TooBig(CorruptInput):
+    pass
+
+
 class _Counting(io.RawIOBase):
     """Hash and count uncompressed bytes (diff_id, decompression-bomb cap)."""
 
@@ -142,7 +174,8 @@ class _Counting(io.RawIOBase):
 
     def _check(self) -> None:
         if self._cap is not None and self._done + self.n + self.extra > self._cap:
-            raise CorruptInput(f"{self._what}: expands beyond {self._cap} bytes (decompression bomb?)")
+            raise _TooBig(f"{self._what}: expands beyond {self._cap} bytes (decompression bomb?)",
+                          hint="if the image is genuine, raise the cap with --max-expanded or HPCCONV_MAX_EXPANDED")
 
     def readinto(self, b) -> int:
         data = self._inner.read(len(b))
@@ -164,6 +197,9 @@ def _members(stream, what: str) -> Iterator[tuple[TarReader, Member]]:
         for m in tr:
             name = m.name
             yield tr, m
+    except _TooBig as e:
+        where = f" entry {name!r}" if name else ""
+        raise CorruptInput(f"{what}{where}: {e.message.removeprefix(what + ': ')}", hint=e.hint) from None
     except CorruptInput as e:
         after = f" after entry {name!r}" if name else ""
         raise CorruptInput(f"{what}: bad tar data{after}: {e.message}") from None
@@ -284,7 +320,8 @@ class Flattener:
     def __init__(self, image: Image, reporter=NULL, max_expanded: int | None = None):
         self.image = image
         self.reporter = reporter or NULL
-        self.max_expanded = max_expanded
+        self.max_expanded = default_max_expanded() if max_expanded is None else (max_expanded or None)
+        self._whited: set[str] = set()          # paths deleted by whiteouts/opaque dirs (hardlink checks)
         self.checks = Checks()
         self.warnings: list[str] = []
         self.stats = {"layers": len(image.layers), "members": 0, "whiteouts": 0, "opaque": 0,
@@ -470,6 +507,10 @@ class Flattener:
         elif kind == HARDLINK:
             self.stats["hardlinks"] += 1
             target = self._link_target(ti.linkname)
+            if target is None and self._was_whited(ti.linkname):
+                # Docker refuses it (the target is not in the layer); linking to what a whiteout
+                # removed would resurrect deleted content under another name
+                raise UnsafeInput(f"hardlink to {ti.linkname!r}, which a whiteout deleted")
             if target is None:
                 self._warn(f"{st.what}: hardlink {ti.name!r} -> {ti.linkname!r}: target missing; "
                            f"made an empty file")
@@ -500,6 +541,13 @@ class Flattener:
             return None
         return got[0].children.get(parts[-1])
 
+    def _was_whited(self, linkname: str) -> bool:
+        try:
+            parts = clean_name(linkname)
+        except HpcconvError:
+            return False
+        return any("/".join(parts[:j]) in self._whited for j in range(len(parts), 0, -1))
+
     def _whiteout(self, st: "_LayerState", dparts: list[str], name: str) -> None:
         self.stats["whiteouts"] += 1
         got = self._walk(dparts, True, st)
@@ -510,7 +558,8 @@ class Flattener:
             self._warn(f"{st.what}: whiteout of {key!r} which the same layer creates; whiteouts apply to "
                        f"lower layers only, kept it")
             return
-        d.children.pop(name, None)
+        if d.children.pop(name, None) is not None:
+            self._whited.add(key)
 
     def _opaque(self, st: "_LayerState", dparts: list[str]) -> None:
         got = self._walk(dparts, True, st)
@@ -521,6 +570,9 @@ class Flattener:
             return
         st.opaque_done.add(key)
         self.stats["opaque"] += 1
+        if d.children:
+            keys = (f"{key}/{n}" if key else n for n in d.children)
+            self._whited.update(k for k in keys if k not in st.unpacked)
         self._prune(st, d, key)
 
     def _prune(self, st: "_LayerState", top: Ino, top_key: str) -> None:

@@ -44,8 +44,21 @@ def _main(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON result on stdout."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    max_expanded: Optional[str] = typer.Option(None, "--max-expanded", metavar="SIZE", help="Refuse images whose layers expand beyond SIZE in all (decompression bombs): e.g. 64G, 0 = no cap. Default $HPCCONV_MAX_EXPANDED or 128G."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", metavar="SECONDS", help="Registry read timeout: a connection silent this long is dropped and resumed (default $HPCCONV_READ_TIMEOUT or 120). Slow transfers: HPCCONV_MIN_RATE/HPCCONV_SLOW_TIMEOUT."),
 ):
     G.quiet, G.json, G.verbose = quiet, json_out, verbose
+    if max_expanded is not None:
+        from .flatten import parse_size
+
+        try:
+            os.environ["HPCCONV_MAX_EXPANDED"] = str(parse_size(max_expanded))
+        except ValueError as e:
+            raise UsageError(f"--max-expanded: {e}") from None
+    if timeout is not None:
+        if timeout <= 0:
+            raise UsageError("--timeout must be a positive number of seconds")
+        os.environ["HPCCONV_READ_TIMEOUT"] = str(timeout)
 
 
 class Target(str, Enum):
@@ -368,8 +381,37 @@ from .bundle_cli import app as _bundle_app, push as _push  # noqa: E402  (hpccon
 app.add_typer(_bundle_app, name="bundle")
 app.command("push")(_push)
 
+from .store_cli import app as _store_app  # noqa: E402  (hpcconv store verify|gc)
+
+app.add_typer(_store_app, name="store")
+
+
+def _exit_now(code: int) -> None:
+    import threading
+
+    if threading.active_count() == 1:
+        sys.exit(code)
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit, `kill`): unwinds and cleans up like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
 
 def main() -> None:
+    import signal
+
+    with __import__("contextlib").suppress(ValueError):       # not in the main thread: leave it
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rc = app(standalone_mode=False)   # click returns (not raises) a typer.Exit's code in this mode
         if isinstance(rc, int) and rc:
@@ -380,9 +422,12 @@ def main() -> None:
             msg += f" (hint: {e.hint})"
         print(msg, file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("hpcconv: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        # the stack has unwound (temporary outputs removed, child tools killed); a download thread
+        # still blocked in a read must not hold the exit up, so leave without joining threads
+        term = isinstance(e, _Terminated)
+        print("hpcconv: terminated" if term else "hpcconv: interrupted", file=sys.stderr)
+        _exit_now(143 if term else 130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

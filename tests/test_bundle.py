@@ -253,6 +253,16 @@ def test_reorder_parts(made, benv):
     bad(r, a.name, b.name, "out of order")
 
 
+def test_missing_part000_and_joined_parts(made, benv, tmp_path):
+    joined = tmp_path / "joined.hpcbundle"
+    with open(joined, "wb") as f:
+        for p in made["parts"][1:]:
+            f.write(p.read_bytes())
+    ok(hpc("bundle", "verify", str(joined), "--key", str(made["pub"]), env=benv))   # cat of the parts is a bundle
+    made["parts"][0].unlink()
+    bad(hpc("bundle", "verify", str(made["parts"][1]), env=benv), made["parts"][0].name, "missing")
+
+
 def test_wrong_key_and_unsigned_with_key(made, benv, tmp_path):
     bad(hpc("bundle", "verify", str(made["single"]), "--key", str(made["other"]), env=benv), "signature")
     bad(hpc("bundle", "verify", str(made["split"]), "--key", str(made["other"]), env=benv), "part000", "signature")

@@ -90,8 +90,6 @@ class _Writer:
         if compress is None:
             compress = size > SMALL and _sample_gain(opener)
         if compress:
-            import zstandard
-
             with tempfile.TemporaryFile(dir=self.tmpdir, prefix=".hpcbundle-") as tmp:
                 with opener() as src:
                     content = _Progress.copy_compressed(src, tmp, self.task)
@@ -226,7 +224,7 @@ def create(spec: CreateSpec, make_opts, reporter: Reporter = NULL) -> dict:
             index = _layout_index(plans)
             w.add("oci-layout", lambda: io.BytesIO(layout), len(layout), {"kind": "layout"}, compress=False)
             w.add("index.json", lambda: io.BytesIO(index), len(index), {"kind": "layout"}, compress=False)
-            for d, b in carried.items():  # noqa: B007
+            for d, b in carried.items():
                 algo, hexd = check_digest(d)
                 compress = False if (b.media_type in COMPRESSED_TYPES or b.size <= SMALL) else None
                 w.add(f"blobs/{algo}/{hexd}", b.open, b.size,

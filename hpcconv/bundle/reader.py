@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -52,7 +51,7 @@ def _hash_file(p: Path, task) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
-def check_parts(loc: fmt.Location, parts: dict, reporter: Reporter) -> list[tuple[str, str]]:
+def verify_parts(loc: fmt.Location, parts: dict, reporter: Reporter) -> list[tuple[str, str]]:
     """Each listed part checked alone (size, sha256); missing, extra and swapped parts named."""
     problems: list[tuple[str, str]] = []
     listed = parts.get("parts") or []
@@ -115,7 +114,7 @@ class Bundle:
             except CorruptInput as e:
                 raise BundleCorrupt([(loc.part0.name, e.message)], loc.display) from None
             if check_parts:
-                problems = check_parts_fn(loc, parts.doc, reporter)
+                problems = verify_parts(loc, parts.doc, reporter)
                 if problems:
                     raise BundleCorrupt(problems, loc.display)
             n = len(parts.doc["parts"])
@@ -289,7 +288,7 @@ class Bundle:
             try:
                 todo = [img["digest"]]
                 if img["mediaType"] in INDEX_TYPES:
-                    raw = self._doc(img["digest"], present)
+                    raw = self._doc(img["digest"])
                     if raw is not None:
                         listed = {m["digest"] for m in json.loads(raw).get("manifests", [])}
                         for c in img.get("manifests", []):
@@ -297,7 +296,7 @@ class Bundle:
                                 problems.append((f"image {ref}", f"carries {c['digest']} which its index does not list"))
                     todo = [c["digest"] for c in img.get("manifests", [])]
                 for d in todo:
-                    raw = self._doc(d, present)
+                    raw = self._doc(d)
                     if raw is None:
                         if not present(d):
                             problems.append((f"image {ref}", f"manifest {d} is not in the bundle"))
@@ -312,7 +311,7 @@ class Bundle:
                 problems.append((f"image {ref}", getattr(e, "message", str(e))))
         return problems
 
-    def _doc(self, digest: str, present) -> bytes | None:
+    def _doc(self, digest: str) -> bytes | None:
         if digest not in self.blob_entries:
             return None
         return self.read_blob(digest, 8 << 20)
@@ -335,8 +334,6 @@ def _drain(r) -> None:
         pass
     return None
 
-
-check_parts_fn = check_parts
 
 
 def verify(path, keys: list = (), reporter: Reporter = NULL) -> dict:

@@ -99,7 +99,7 @@ def build_own_wheel(dest: Path, requirements: list[str]) -> Path:
             if full.is_symlink() or not full.is_file():
                 continue
             files.append((str(full.relative_to(pkg.parent)), full.read_bytes()))
-    meta = [f"Metadata-Version: 2.1", "Name: hpcconv", f"Version: {__version__}",
+    meta = ["Metadata-Version: 2.1", "Name: hpcconv", f"Version: {__version__}",
             "Summary: Convert Docker/OCI images into HPC container images", "Requires-Python: >=3.11"]
     meta += [f"Requires-Dist: {r}" for r in requirements]
     files.append((f"{dist}/METADATA", ("\n".join(meta) + "\n").encode()))

@@ -10,8 +10,9 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Offline bundles for air-gapped centres: create, verify, import, diff, keygen.")
 
-KeyOpt = typer.Option(None, "--key", help="Trusted Ed25519 public key (PEM); repeat to trust several. "
-                                          "With a key, an unsigned or differently signed bundle is refused.")
+KeyOpt = typer.Option(None, "--key", help="Trusted Ed25519 public key (PEM); repeat to trust several (default: "
+                                          "$HPCCONV_BUNDLE_KEY). With a key, an unsigned or differently signed "
+                                          "bundle is refused.")
 
 
 def _cli(ctx: typer.Context):
@@ -44,6 +45,16 @@ def _make_opts(source_opts):
         return dataclasses.replace(source_opts, platform=platform)
 
     return make
+
+
+def _keys(key):
+    """--key files, else $HPCCONV_BUNDLE_KEY (os.pathsep-separated): the keys a bundle must be signed with."""
+    import os
+
+    from .bundle.fmt import load_public_key
+
+    paths = list(key or []) or [Path(k) for k in os.environ.get("HPCCONV_BUNDLE_KEY", "").split(os.pathsep) if k]
+    return [load_public_key(k) for k in paths]
 
 
 def _fail_json(C, e, command: str) -> None:
@@ -108,12 +119,11 @@ def verify(
     key: Optional[List[Path]] = KeyOpt,
 ):
     """Check every part on its own, the signature, every member's sha256 and every blob's digest (exit 4 on any problem)."""
-    from .bundle.fmt import load_public_key
     from .bundle.reader import verify as do_verify
     from .errors import CorruptInput
 
     C = _cli(ctx)
-    keys = [load_public_key(k) for k in key or []]
+    keys = _keys(key)
     rep = C._reporter()
     try:
         with rep.running():
@@ -151,12 +161,11 @@ def import_(
     outputs: Optional[Path] = typer.Option(None, "--outputs", help="Also write the bundle's converted images into this directory."),
 ):
     """Verify a bundle, then add its images to the store (idempotent; safe to re-run after an interruption)."""
-    from .bundle.fmt import load_public_key
     from .bundle.importer import import_bundle
     from .errors import CorruptInput
 
     C = _cli(ctx)
-    keys = [load_public_key(k) for k in key or []]
+    keys = _keys(key)
     rep = C._reporter()
     try:
         with rep.running():

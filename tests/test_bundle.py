@@ -268,6 +268,10 @@ def test_wrong_key_and_unsigned_with_key(made, benv, tmp_path):
     bad(hpc("bundle", "verify", str(made["split"]), "--key", str(made["other"]), env=benv), "part000", "signature")
     bad(hpc("bundle", "import", str(made["split"]), "--key", str(made["other"]),
             env={**benv, "HPCCONV_STORE": str(tmp_path / "s")}), "signature")
+    wrong = {**benv, "HPCCONV_BUNDLE_KEY": str(made["other"])}       # the site's configured trusted key
+    bad(hpc("bundle", "verify", str(made["single"]), env=wrong), "signature")
+    bad(hpc("inspect", f"bundle:{made['single']}", env=wrong), "signature")
+    ok(hpc("inspect", f"bundle:{made['single']}", env={**benv, "HPCCONV_BUNDLE_KEY": str(made["pub"])}))
     small_layout(tmp_path / "lay2")
     u = tmp_path / "unsigned.hpcbundle"
     ok(hpc("bundle", "create", f"oci:{tmp_path / 'lay2'}:t", "-o", str(u), env=benv))

@@ -59,8 +59,8 @@ PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 "$py" -m pip install --disable-pip-vers
 README = """hpcconv @VERSION@ wheelhouse for Python @PYVER@ on @PLATFORMS@
 
 Extract it from the bundle without hpcconv:
-    tar -xf NAME.hpcbundle tool/                     (one file)
-    cat NAME.hpcbundle.part0*[1-9]* | tar -x tool/   (parts: every part but part000, in order)
+    tar -xf NAME.hpcbundle tool/                                          (one file)
+    ls NAME.hpcbundle.part* | grep -v 'part000$' | xargs cat | tar -x tool/  (parts: all but part000, in order)
 then:  sh tool/install.sh ~/hpcconv-venv  &&  ~/hpcconv-venv/bin/hpcconv bundle verify NAME.hpcbundle --key KEY.pub
 """
 

@@ -253,6 +253,12 @@ def test_reorder_parts(made, benv):
     bad(r, a.name, b.name, "out of order")
 
 
+def test_renamed_split_bundle_still_verifies(made, benv, tmp_path):
+    for p in made["parts"]:
+        p.rename(p.with_name(p.name.replace("many.", "renamed.")))
+    ok(hpc("bundle", "verify", str(tmp_path / "renamed.hpcbundle"), "--key", str(made["pub"]), env=benv))
+
+
 def test_missing_part000_and_joined_parts(made, benv, tmp_path):
     joined = tmp_path / "joined.hpcbundle"
     with open(joined, "wb") as f:

@@ -55,26 +55,27 @@ def verify_parts(loc: fmt.Location, parts: dict, reporter: Reporter) -> list[tup
     """Each listed part checked alone (size, sha256); missing, extra and swapped parts named."""
     problems: list[tuple[str, str]] = []
     listed = parts.get("parts") or []
-    by_hash = {p["sha256"]: p["name"] for p in listed}
+    by_hash = {p["sha256"]: fmt.part_path(loc.base, p.get("index", 0)).name for p in listed}
     task = reporter.task(f"verify parts of {loc.base.name}", total=sum(p["size"] for p in listed))
     for i, p in enumerate(listed, 1):
-        if p.get("index") != i or p.get("name") != fmt.part_path(loc.base, i).name:
-            problems.append((f"part list entry {i}", f"names {p.get('name')!r}, expected {fmt.part_path(loc.base, i).name}"))
+        name = fmt.part_path(loc.base, i).name          # a renamed bundle keeps working: parts go by index
+        if p.get("index") != i:
+            problems.append((loc.part0.name, f"part list entry {i} is numbered {p.get('index')!r}"))
             continue
         path = loc.found_parts.get(i)
         if path is None:
-            problems.append((p["name"], "missing (re-send this part)"))
+            problems.append((name, "missing (re-send this part)"))
             continue
         size, digest = _hash_file(path, task)
         if size == p["size"] and digest == p["sha256"]:
             continue
         other = by_hash.get(digest)
-        if other and other != p["name"]:
-            problems.append((p["name"], f"holds the content of {other}: parts are out of order or renamed"))
+        if other and other != name:
+            problems.append((name, f"holds the content of {other}: parts are out of order or renamed"))
         elif size != p["size"]:
-            problems.append((p["name"], f"is {size} bytes, the part list says {p['size']} (re-send this part)"))
+            problems.append((name, f"is {size} bytes, the part list says {p['size']} (re-send this part)"))
         else:
-            problems.append((p["name"], f"sha256 {digest[:16]}... does not match the part list (re-send this part)"))
+            problems.append((name, f"sha256 {digest[:16]}... does not match the part list (re-send this part)"))
     for i, path in sorted(loc.found_parts.items()):
         if i > len(listed):
             problems.append((path.name, f"is not in the part list (the bundle has {len(listed)} parts): "

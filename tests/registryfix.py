@@ -17,6 +17,7 @@ real client), so the registry's content does not depend on hpcconv's code.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.server
 import json
@@ -35,7 +36,11 @@ from pathlib import Path
 
 import pytest
 
-USER, PASSWORD = "hpcuser", "s3cret pass:word"
+# HPCCONV_TEST_SENTINEL: run the whole suite with this registry password (htpasswd and token server
+# take it from here), then search everything the run wrote for it (tests/test_hardening_secrets.py
+# does that for a broad set of operations on its own).
+USER = "hpcuser"
+PASSWORD = os.environ.get("HPCCONV_TEST_SENTINEL") or "s3cret pass:word"
 TOKEN_SERVICE = "hpcconv-test-registry"
 TOKEN_ISSUER = "hpcconv-test-issuer"
 
@@ -357,6 +362,13 @@ class LoopbackProxy(_TLSServer):
         self.strip_range = False         # behave like a server that ignores Range (answers 200)
         self.cut_first: dict[str, int] = {}   # substring -> n: send half the body, then drop the connection
         self.blob_delay = 0.0                 # seconds to wait before answering a blob GET
+        # fault injection for tests/test_hardening_faults.py (substring of the path -> what to do):
+        self.statuses: dict[str, list[int]] = {}   # answer the next matching requests with these statuses
+        self.retry_after = "1"                     # Retry-After sent with 429/503 from `statuses`
+        self.throttle = 0.0                        # bytes/s for blob bodies (0: full speed)
+        self.length_delta: dict[str, list[int]] = {}  # Content-Length = real + delta, then close
+        self.pad_manifest = 0                      # append this many spaces to manifest bodies...
+        self.omit_length = False                   # ...and send no Content-Length (close-delimited)
         super().__init__("127.0.0.1", certs, _proxy_handler)
 
     @property
@@ -378,6 +390,19 @@ def _proxy_handler(proxy: LoopbackProxy):
             proxy.seen.append(s)
             if proxy.blob_delay and "/blobs/" in self.path:
                 time.sleep(proxy.blob_delay)
+            for sub, codes in list(proxy.statuses.items()):
+                if sub in self.path and codes:
+                    code = codes.pop(0)
+                    s.status = code
+                    self.send_response(code)
+                    if code in (429, 503):
+                        self.send_header("Retry-After", proxy.retry_after)
+                    body = json.dumps({"errors": [{"code": "TOOMANYREQUESTS" if code == 429 else "UNAVAILABLE",
+                                                   "message": "injected by the test proxy"}]}).encode()
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
             for sub, n in list(proxy.fail_first.items()):
                 if sub in self.path and n > 0:
                     proxy.fail_first[sub] = n - 1
@@ -405,15 +430,45 @@ def _proxy_handler(proxy: LoopbackProxy):
             body = r.raw.read(decode_content=False) if method != "HEAD" else b""
             if proxy.mutate is not None and method == "GET" and r.status_code in (200, 206):
                 body = proxy.mutate(self.path, body)
+            if proxy.pad_manifest and method == "GET" and "/manifests/" in self.path and r.status_code == 200:
+                body = body + b" " * proxy.pad_manifest
             s.status = r.status_code
             self.send_response(r.status_code)
             for k, v in r.headers.items():
                 if k.lower() in ("content-type", "docker-content-digest", "www-authenticate", "content-range",
                                  "location", "docker-distribution-api-version"):
                     self.send_header(k, v)
+            delta = next((ds for sub, ds in proxy.length_delta.items() if sub in self.path and ds), None)
+            if delta is not None and method == "GET" and r.status_code in (200, 206):
+                d = delta.pop(0)
+                s.status = 1000 + r.status_code          # marks a response with a wrong Content-Length
+                self.send_header("Content-Length", str(len(body) + d))
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if proxy.omit_length and method == "GET" and "/manifests/" in self.path:
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    for i in range(0, len(body), 1 << 20):
+                        self.wfile.write(body[i:i + (1 << 20)])
+                return
             self.send_header("Content-Length", r.headers.get("Content-Length", str(len(body)))
                              if method == "HEAD" else str(len(body)))
             self.end_headers()
+            if proxy.throttle and method == "GET" and "/blobs/" in self.path:
+                step = max(1, int(proxy.throttle / 10))
+                with contextlib.suppress(OSError):
+                    for i in range(0, len(body), step):
+                        self.wfile.write(body[i:i + step])
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                s.end = time.monotonic()
+                return
             cut = next((sub for sub, n in proxy.cut_first.items() if sub in self.path and n > 0), None)
             if cut is not None and method == "GET" and len(body) > 1:
                 proxy.cut_first[cut] -= 1

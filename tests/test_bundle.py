@@ -94,16 +94,69 @@ def keys(tmp_path, benv):
 
 
 # round trip: registry -> bundle (parts, signed) -> registry gone -> import -> convert -> ch-run ------
+def docker_manifest_list(deb_cache):
+    """busybox amd64 + arm64 with Docker media types under a Docker manifest list."""
+    from dockertools import busybox_image
+
+    a = busybox_image("amd64", deb_cache, docker_media_types=True)
+    b = busybox_image("arm64", deb_cache, docker_media_types=True)
+    mt = "application/vnd.docker.distribution.manifest.v2+json"
+    idx = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.list.v2+json",
+                      "manifests": [{"mediaType": mt, "digest": a.digest, "size": len(a.manifest),
+                                     "platform": {"os": "linux", "architecture": "amd64"}},
+                                    {"mediaType": mt, "digest": b.digest, "size": len(b.manifest),
+                                     "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}}]},
+                     sort_keys=True).encode()
+    return idx, {**a.blobs, **b.blobs}, a
+
+
+def put_raw(reg, repo: str, tag: str, top: bytes, blobs: dict[str, bytes]) -> None:
+    """Publish with plain distribution-API requests (test side, independent of hpcconv's push)."""
+    import requests
+
+    base = f"http://{reg.host}/v2/{repo}"
+    s = requests.Session()
+    s.trust_env = False
+    docs = {}
+    for d, data in blobs.items():
+        mt = json.loads(data).get("mediaType", "") if data[:1] == b"{" else ""
+        if "manifest" in mt:
+            docs[d] = (data, mt)
+            continue
+        r = s.post(f"{base}/blobs/uploads/")
+        assert r.status_code == 202, r.text
+        loc = r.headers["Location"]
+        r = s.put(loc + ("&" if "?" in loc else "?") + f"digest={d}", data=data,
+                  headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 201, r.text
+    for d, (data, mt) in docs.items():
+        assert s.put(f"{base}/manifests/{d}", data=data, headers={"Content-Type": mt}).status_code == 201
+    mt = json.loads(top)["mediaType"]
+    assert s.put(f"{base}/manifests/{tag}", data=top, headers={"Content-Type": mt}).status_code == 201
+
+
 @pytest.mark.registry
-def test_round_trip_multiarch_with_registry_stopped(tmp_path, benv, plain_images, keys):
+@pytest.mark.parametrize("kind", ["oci-index", "docker-manifest-list"])
+def test_round_trip_multiarch_with_registry_stopped(tmp_path, benv, plain_images, keys, kind, deb_cache):
     need("tar2sqfs")
-    idx, blobs = plain_images["test/multi:latest"]
+    if kind == "oci-index":
+        idx, blobs = plain_images["test/multi:latest"]
+        single = plain_images["amd64"]
+    else:
+        idx, blobs, single = docker_manifest_list(deb_cache)
     reg = Registry(tmp_path, "gone").start()
     try:
-        write_layout(tmp_path / "lay-multi", idx, blobs, "t")
-        push_layout(tmp_path / "lay-multi", "t", reg, "site/multi:1", all_images=True)
-        image_layout(tmp_path / "lay-amd", plain_images["amd64"], "t")
-        push_layout(tmp_path / "lay-amd", "t", reg, "site/busybox:amd64")
+        if kind == "oci-index":
+            write_layout(tmp_path / "lay-multi", idx, blobs, "t")
+            push_layout(tmp_path / "lay-multi", "t", reg, "site/multi:1", all_images=True)
+        else:                                   # skopeo's oci: transport will not read a Docker list
+            put_raw(reg, "site/multi", "1", idx, blobs)
+        assert inspect_raw(reg, "site/multi:1") == idx
+        if kind == "oci-index":
+            image_layout(tmp_path / "lay-amd", single, "t")
+            push_layout(tmp_path / "lay-amd", "t", reg, "site/busybox:amd64")
+        else:
+            put_raw(reg, "site/busybox", "amd64", single.manifest, single.blobs)
         out = tmp_path / "xfer" / "apps.hpcbundle"
         out.parent.mkdir()
         r = ok(hpc("--json", "bundle", "create", f"docker://{reg.host}/site/multi:1", f"docker://{reg.host}/site/busybox:amd64",

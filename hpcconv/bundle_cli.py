@@ -75,7 +75,7 @@ def create(
     with_tool: bool = typer.Option(False, "--with-tool", help="Also carry a wheelhouse of hpcconv and its dependencies plus an install script."),
     tool_python: Optional[str] = typer.Option(None, "--tool-python", help="Target Python version for --with-tool (default: this one, e.g. 3.11)."),
     tool_platform: Optional[List[str]] = typer.Option(None, "--tool-platform", help="Target wheel platform tag(s) for --with-tool (default: this machine's, or the --profile's arch)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Write numbered parts of at most SIZE (e.g. 4G, 700M) plus part000, the part list."),
+    split: Optional[str] = typer.Option(None, "--split", help="Write numbered parts of at most SIZE (e.g. 700M, 4.7GB; `fat32` = 4 GiB - 1) plus part000, the part list."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Ed25519 private key (from `hpcconv bundle keygen`) to sign with."),
     since: Optional[List[Path]] = typer.Option(None, "--since", help="Incremental: leave out the blobs this earlier bundle (or its part000) carried. Repeatable."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle of that name (and all its parts)."),
@@ -149,6 +149,10 @@ def _describe(res: dict, verdict: str, trusted: bool) -> list[str]:
                                             if res['requires'] else ""))
     if res.get("outputs"):
         out.append("  outputs: " + ", ".join(res["outputs"]))
+    if res.get("tool_target"):
+        t = res["tool_target"]
+        out.append(f"  tool/: hpcconv wheelhouse for Python {t['python']} on {t['platforms'][0]} "
+                   "(install with: sh tool/install.sh VENV)")
     return out
 
 

@@ -494,7 +494,8 @@ def test_with_tool_installs_offline_in_fresh_venv(tmp_path, benv):
     make_env = {**os.environ, **{k: v for k, v in benv.items() if k in ("HOME", "HPCCONV_STORE")}}
     ok(hpc("bundle", "create", f"oci:{tmp_path / 'lay'}:t", "--with-tool", "--split", "4M", "-o", str(b),
            env=make_env))
-    ok(hpc("bundle", "verify", str(b), env=benv))
+    r = ok(hpc("bundle", "verify", str(b), env=benv))
+    assert f"wheelhouse for Python {sys.version_info[0]}.{sys.version_info[1]}" in r.stdout
     parts = sorted(tmp_path.glob("t.hpcbundle.part*"))[1:]           # every part but part000, in order
     centre = tmp_path / "centre"
     centre.mkdir()
@@ -551,3 +552,15 @@ def test_push_chunked_with_token_auth(tmp_path, benv, token_registry, token_serv
     r = hpc("push", f"oci:{tmp_path / 'lay'}:t", f"docker://{token_registry.host}/private/other:1",
             "--ca-cert", str(test_certs.ca), "--username", USER, env={**benv, "HPCCONV_PASSWORD": "wrong"})
     assert r.returncode == 3, r.stderr
+
+
+def test_split_sizes():
+    from hpcconv.bundle.create import parse_size
+    from hpcconv.errors import UsageError
+
+    assert parse_size("fat32") == 4 * 1024 ** 3 - 1           # FAT32 cannot hold a 4 GiB file
+    assert parse_size("4G") == 4 * 1024 ** 3 and parse_size("4GiB") == 4 * 1024 ** 3
+    assert parse_size("4.7GB") == 4_700_000_000 and parse_size("700M") == 700 * 1024 ** 2
+    for bad_size in ("", "12x", "-1G", "100"):
+        with pytest.raises(UsageError):
+            parse_size(bad_size)

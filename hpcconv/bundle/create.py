@@ -28,6 +28,7 @@ SMALL = 64 << 10          # members this small are stored as they are (readable 
 SAMPLE = 1 << 20
 GAIN = 0.9                # compress only when zstd saves at least 10 %
 ZSTD_LEVEL = 3
+FAT32_MAX = (4 << 30) - 1
 
 
 @dataclass
@@ -46,9 +47,12 @@ class CreateSpec:
 
 
 def parse_size(text: str) -> int:
-    """`4G`, `700M`, `4.7GB`, `650MiB`, `100k`, plain bytes. K/M/G/T are powers of 1024; kB/MB/GB of 1000."""
+    """`4G`, `700M`, `4.7GB`, `650MiB`, `100k`, plain bytes, or `fat32` (4 GiB - 1, the largest FAT32 file).
+    K/M/G/T are powers of 1024; kB/MB/GB of 1000."""
     import re
 
+    if text.strip().lower() == "fat32":
+        return FAT32_MAX
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
     if not m:
         raise UsageError(f"bad size {text!r}", hint="use e.g. 4G, 700M, 4.7GB or a number of bytes")
@@ -239,6 +243,7 @@ def create(spec: CreateSpec, make_opts, reporter: Reporter = NULL) -> dict:
                             "size": p.top.size, "platforms": p.platforms, "available_platforms": p.available,
                             "manifests": [c.to_json() for c in p.children]} for p in plans],
                 "files": w.files,
+                "tool_target": {"python": spec.tool.python, "platforms": spec.tool.platforms} if spec.tool else None,
                 "base": bases,
                 "requires": requires,
             }

@@ -327,7 +327,8 @@ class Bundle:
                 "blobs": len(self.blob_entries), "requires": len(d.get("requires", [])),
                 "base": d.get("base", []),
                 "outputs": [e["path"] for e in d.get("files", []) if e.get("kind", "").startswith("output")],
-                "tool_included": any(e.get("kind") == "tool" for e in d.get("files", []))}
+                "tool_included": any(e.get("kind") == "tool" for e in d.get("files", [])),
+                "tool_target": d.get("tool_target")}
 
 
 def _drain(r) -> None:

@@ -38,7 +38,9 @@ tests/test_flatten_docker.py):
   to a directory is CorruptInput and a target above the root UnsafeInput (Docker clamps it);
 * `.wh.X` followed by a directory X in one layer: X is new and empty (overlay2 merges the lower X
   back in, since the directory replaces its whiteout device without marking it opaque);
-* duplicates in a layer: the later entry wins, with a warning (`docker load` refuses them);
+* duplicates in a layer: CorruptInput naming the layer and entry, as `docker load` refuses them
+  ("duplicates of file paths not supported") and the image spec forbids them; with
+  HPCCONV_ALLOW_DUPLICATES=1 the later entry wins, with a warning (what containerd/umoci do);
 * sparse members (old GNU, PAX 0.0/0.1/1.0) are read expanded (Docker 20.10 refuses old GNU
   sparse); their holes count toward `max_expanded`;
 * symlinks are mode 0777 (what lstat shows); xattrs come from `SCHILY.xattr.*` (and
@@ -158,6 +160,10 @@ class _TooBig(CorruptInput):
     pass
 
 
+_BOMB_HINT = "if the image is genuine, raise the cap with --max-expanded or HPCCONV_MAX_EXPANDED"
+_BOMB_SLACK = 8 << 20
+
+
 class _Counting(io.RawIOBase):
     """Hash and count uncompressed bytes (diff_id, decompression-bomb cap)."""
 
@@ -174,8 +180,8 @@ class _Counting(io.RawIOBase):
 
     def _check(self) -> None:
         if self._cap is not None and self._done + self.n + self.extra > self._cap:
-            raise _TooBig(f"{self._what}: expands beyond {self._cap} bytes (decompression bomb?)",
-                          hint="if the image is genuine, raise the cap with --max-expanded or HPCCONV_MAX_EXPANDED")
+            raise _TooBig(f"{self._what}: expands beyond {self._cap - _BOMB_SLACK} bytes (decompression bomb?)",
+                          hint=_BOMB_HINT)
 
     def readinto(self, b) -> int:
         data = self._inner.read(len(b))
@@ -429,25 +435,39 @@ class Flattener:
         cnt = pf = None
         try:
             dec = open_decompressed(_Progress(raw, task), what)
-            cnt = _Counting(dec, hasher_for(diff_id) if diff_id else None, self.max_expanded,
-                            self.stats["expanded_bytes"], what)
+            cap = self.max_expanded
+            # the stream-level backstop sits a little above the cap: the prefetch thread runs ahead
+            # of the headers, and the per-entry check below should speak first (it can name the entry)
+            cnt = _Counting(dec, hasher_for(diff_id) if diff_id else None,
+                            None if cap is None else cap + _BOMB_SLACK, self.stats["expanded_bytes"], what)
             # The thread reads to the very end (compressed remainder included), so the blob digest
             # and the diff_id cover every byte even though the tar ends earlier.
             pf = _Prefetch(_ToEnd(cnt, raw))
             stream = io.BufferedReader(pf, CHUNK)
             st = _LayerState(i, what)
             ordinal = -1
-            for _, ti in _members(stream, what):
+            ti = None
+            for tr, ti in _members(stream, what):
                 ordinal += 1
+                if cap is not None and self.stats["expanded_bytes"] + tr.offset + ti.size > cap:
+                    # the header declares it: name the entry before reading its content
+                    raise _TooBig(f"expands beyond {cap} bytes (decompression bomb?)", hint=_BOMB_HINT)
                 if ti.sparse is not None and ti.size > ti.stored:
                     cnt.count_extra(ti.size - ti.stored)       # holes expand on output too
                 try:
                     self._apply(st, ti, ordinal)
+                except _TooBig:
+                    raise
                 except HpcconvError as e:
                     raise type(e)(f"{what} entry {ti.name!r}: {e.message}", hint=e.hint) from None
             self.stats["members"] += ordinal + 1
             while stream.read(CHUNK):
                 pass
+        except _TooBig as e:
+            if e.message.startswith(what):
+                raise CorruptInput(e.message, hint=e.hint) from None
+            where = f" entry {ti.name!r}" if ti is not None else ""
+            raise CorruptInput(f"{what}{where}: {e.message}", hint=e.hint) from None
         except CorruptInput as e:
             if e.message.startswith(what):
                 raise
@@ -495,6 +515,9 @@ class Flattener:
         d, names = got
         key = "/".join(names + [leaf])
         if key in st.unpacked:
+            if __import__("os").environ.get("HPCCONV_ALLOW_DUPLICATES") != "1":
+                raise CorruptInput(f"{key!r} appears twice in the layer (Docker refuses such layers)",
+                                   hint="HPCCONV_ALLOW_DUPLICATES=1 lets the later entry win")
             self._warn(f"{st.what}: {key!r} appears twice in the layer; the later entry wins")
         existing = d.children.get(leaf)
         xattrs = _xattrs_of(ti)
@@ -524,6 +547,8 @@ class Flattener:
                 target.xattrs.update(xattrs)
                 d.children[leaf] = target
         else:
+            if kind == SYMLINK and "\0" in ti.linkname:
+                raise CorruptInput(f"symlink target {ti.linkname!r} contains a NUL byte")
             size = ti.size if kind == FILE else 0
             mode = 0o777 if kind == SYMLINK else ti.mode & 0o7777      # what lstat shows on Linux
             d.children[leaf] = Ino(kind, mode, ti.uid, ti.gid, ti.mtime,

@@ -155,8 +155,12 @@ def test_whiteout_after_same_layer_entry_is_kept_with_warning():
     assert any(c.status == "warn" and c.name == "repairs" for c in f.checks.items)
 
 
-def test_duplicate_entry_later_wins_with_warning():
-    # `docker load` refuses duplicates ("duplicates of file paths not supported"); the last one wins
+def test_duplicate_entry_refused_unless_allowed(monkeypatch):
+    # `docker load` refuses duplicates ("duplicates of file paths not supported"): so do we (issue 8);
+    # HPCCONV_ALLOW_DUPLICATES=1 lets the last one win, with a warning
+    with pytest.raises(CorruptInput, match=r"layer 1/1 .* entry 'a': 'a' appears twice"):
+        flat([[T("a", data=b"1"), T("a", data=b"2")]])
+    monkeypatch.setenv("HPCCONV_ALLOW_DUPLICATES", "1")
     tree, f = flat([[T("a", data=b"1"), T("a", data=b"2")]])
     assert tree["a"].sha == h(b"2") and "twice" in f.warnings[0]
 

@@ -564,3 +564,20 @@ def test_split_sizes():
     for bad_size in ("", "12x", "-1G", "100"):
         with pytest.raises(UsageError):
             parse_size(bad_size)
+
+
+def test_split_import_reads_once_and_names_a_bad_part(made, benv, tmp_path, monkeypatch):
+    from hpcconv.bundle import importer
+
+    def second_pass(*a, **k):
+        raise AssertionError("parts were hashed in a second pass")
+
+    monkeypatch.setattr(importer, "verify_parts", second_pass)
+    res = importer.import_bundle(made["split"], str(tmp_path / "s1"))
+    assert res["blobs_written"] == 5                      # 3 layers, config, manifest
+    # a damaged part found during that single pass: named, and nothing is tagged
+    part = made["parts"][2]
+    flip(part, 10)
+    r = hpc("bundle", "import", str(made["split"]), env={**benv, "HPCCONV_STORE": str(tmp_path / "s2")})
+    bad(r, part.name)
+    assert json.loads((tmp_path / "s2" / "index.json").read_text())["manifests"] == []

@@ -403,7 +403,41 @@ class MultiFile:
     def pread(self, off: int, n: int) -> bytes:
         with self._lock:
             self._pos = off
-            return self.read(n)
+            data = self.read(n)
+            if self._tap is not None:
+                self._feed(off, data)
+            return data
+
+    # hashing each part during one sequential pass (bundle import) ---------------------------------
+    _tap = None
+
+    def start_tap(self) -> None:
+        self._tap = [hashlib.sha256() for _ in self._files]
+        self._tap_pos, self._tap_ok = 0, True
+
+    def _feed(self, off: int, data: bytes) -> None:
+        if off + len(data) <= self._tap_pos:
+            return                                   # a re-read of bytes already hashed
+        if off != self._tap_pos:
+            self._tap_ok = False                     # not sequential: the caller hashes the parts again
+            return
+        view = memoryview(data)
+        while len(view):
+            i = max(j for j, s in enumerate(self._starts) if s <= self._tap_pos)
+            end = self._starts[i + 1] if i + 1 < len(self._starts) else self.size
+            k = min(len(view), end - self._tap_pos)
+            self._tap[i].update(view[:k])
+            self._tap_pos += k
+            view = view[k:]
+
+    def tap_position(self) -> int:
+        return self._tap_pos
+
+    def tap_digests(self) -> list[str] | None:
+        """sha256 of each part if every byte was read in order once, else None."""
+        if self._tap is None or not self._tap_ok or self._tap_pos != self.size:
+            return None
+        return [h.hexdigest() for h in self._tap]
 
     def close(self) -> None:
         for f in self._files:

@@ -21,7 +21,7 @@ from ..sources.registry import BUNDLE_ANNOTATION
 from ..store import Store
 from . import fmt
 from .fmt import BundleCorrupt
-from .reader import Bundle
+from .reader import Bundle, compare_parts, verify_parts
 
 
 class _Tee:
@@ -132,7 +132,8 @@ def _extract_output(b: Bundle, e: dict, dest_dir: Path) -> Path:
 
 def import_bundle(path, store_path=None, keys: list = (), reporter: Reporter = NULL,
                   outputs_dir: Path | None = None) -> dict:
-    b = Bundle.open(path, keys, reporter)
+    # split bundles: part sizes now, part hashes during the one sequential read below (no second pass)
+    b = Bundle.open(path, keys, reporter, hash_parts=False)
     try:
         store = Store.open(store_path)
         doc = b.doc
@@ -151,12 +152,27 @@ def import_bundle(path, store_path=None, keys: list = (), reporter: Reporter = N
                 problems.append((m.name, "is in the container but not in the manifest"))
         task = reporter.task(f"import {b.loc.base.name}", total=sum(e["size"] for e in b.entries.values()))
         written = 0
-        for p, e in b.entries.items():
+        tap = b.f if isinstance(b.f, fmt.MultiFile) else None
+        if tap is not None:
+            tap.start_tap()
+
+        def hash_upto(pos: int) -> None:             # tar headers, padding, unlisted members
+            while tap is not None and tap.tap_position() < pos:
+                if not tap.pread(tap.tap_position(), min(fmt.CHUNK, pos - tap.tap_position())):
+                    break
+
+        for p in [e for e in b.entries if e not in b.members]:
+            problems.append((f"{p} ({b.entries[p].get('digest')})" if b.entries[p].get("kind") == "blob" else p,
+                             "missing from the container"))
+        for m in b.order:                             # container order: one sequential read of every byte
+            hash_upto(m.offset)
+            e = b.entries.get(m.name)
+            if e is None:
+                continue
+            p = m.name
             item = f"{p} ({e['digest']})" if e.get("kind") == "blob" else p
-            m = b.members.get(p)
-            if m is None or m.size != e["size"]:
-                problems.append((item, "missing from the container" if m is None else
-                                 f"is {m.size} bytes, the manifest says {e['size']}"))
+            if m.size != e["size"]:
+                problems.append((item, f"is {m.size} bytes, the manifest says {e['size']}"))
                 continue
             try:
                 if e.get("kind") == "blob":
@@ -168,6 +184,16 @@ def import_bundle(path, store_path=None, keys: list = (), reporter: Reporter = N
             except CorruptInput as x:
                 problems.append((item, x.message))
         task.done()
+        if tap is not None:
+            hash_upto(b.size)
+            listed = b.parts.doc["parts"]
+            digests = tap.tap_digests()
+            if digests is None:                       # some read was out of order: hash the parts again
+                part_problems = verify_parts(b.loc, b.parts.doc, reporter)
+            else:
+                part_problems = compare_parts(b.loc, listed, {i + 1: (listed[i]["size"], d)
+                                                              for i, d in enumerate(digests)})
+            problems = part_problems + problems      # a bad part first: it is what needs re-sending
         if not problems:
             problems = b.check_images(have=store.has)
         if problems:

@@ -51,12 +51,15 @@ def _hash_file(p: Path, task) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
-def verify_parts(loc: fmt.Location, parts: dict, reporter: Reporter) -> list[tuple[str, str]]:
-    """Each listed part checked alone (size, sha256); missing, extra and swapped parts named."""
+def verify_parts(loc: fmt.Location, parts: dict, reporter: Reporter, hash_parts: bool = True
+                 ) -> list[tuple[str, str]]:
+    """Each listed part checked alone (presence, size, and with `hash_parts` its sha256); missing,
+    extra and swapped parts are named."""
     problems: list[tuple[str, str]] = []
     listed = parts.get("parts") or []
-    by_hash = {p["sha256"]: fmt.part_path(loc.base, p.get("index", 0)).name for p in listed}
-    task = reporter.task(f"verify parts of {loc.base.name}", total=sum(p["size"] for p in listed))
+    task = reporter.task(f"verify parts of {loc.base.name}", total=sum(p["size"] for p in listed)) \
+        if hash_parts else None
+    got: dict[int, tuple[int, str]] = {}
     for i, p in enumerate(listed, 1):
         name = fmt.part_path(loc.base, i).name          # a renamed bundle keeps working: parts go by index
         if p.get("index") != i:
@@ -66,7 +69,27 @@ def verify_parts(loc: fmt.Location, parts: dict, reporter: Reporter) -> list[tup
         if path is None:
             problems.append((name, "missing (re-send this part)"))
             continue
-        size, digest = _hash_file(path, task)
+        if hash_parts:
+            got[i] = _hash_file(path, task)
+        elif path.stat().st_size != p["size"]:
+            problems.append((name, f"is {path.stat().st_size} bytes, the part list says {p['size']} "
+                                   "(re-send this part)"))
+    problems += compare_parts(loc, listed, got)
+    for i, path in sorted(loc.found_parts.items()):
+        if i > len(listed):
+            problems.append((path.name, f"is not in the part list (the bundle has {len(listed)} parts): "
+                                        "a stray or added part"))
+    if task is not None:
+        task.done()
+    return problems
+
+
+def compare_parts(loc: fmt.Location, listed: list[dict], got: dict[int, tuple[int, str]]) -> list[tuple[str, str]]:
+    """Problems for parts whose (size, sha256) in `got` differ from the part list."""
+    problems = []
+    by_hash = {p["sha256"]: fmt.part_path(loc.base, p.get("index", 0)).name for p in listed}
+    for i, (size, digest) in sorted(got.items()):
+        p, name = listed[i - 1], fmt.part_path(loc.base, i).name
         if size == p["size"] and digest == p["sha256"]:
             continue
         other = by_hash.get(digest)
@@ -76,11 +99,6 @@ def verify_parts(loc: fmt.Location, parts: dict, reporter: Reporter) -> list[tup
             problems.append((name, f"is {size} bytes, the part list says {p['size']} (re-send this part)"))
         else:
             problems.append((name, f"sha256 {digest[:16]}... does not match the part list (re-send this part)"))
-    for i, path in sorted(loc.found_parts.items()):
-        if i > len(listed):
-            problems.append((path.name, f"is not in the part list (the bundle has {len(listed)} parts): "
-                                        "a stray or added part"))
-    task.done()
     return problems
 
 
@@ -98,7 +116,8 @@ class Bundle:
     blob_entries: dict[str, dict] = field(default_factory=dict)  # digest -> manifest entry
 
     @classmethod
-    def open(cls, path, keys: list = (), reporter: Reporter = NULL, check_parts: bool = True) -> "Bundle":
+    def open(cls, path, keys: list = (), reporter: Reporter = NULL, check_parts: bool = True,
+             hash_parts: bool = True) -> "Bundle":
         keys = list(keys)
         loc = fmt.locate(path)
         parts = None
@@ -115,7 +134,7 @@ class Bundle:
             except CorruptInput as e:
                 raise BundleCorrupt([(loc.part0.name, e.message)], loc.display) from None
             if check_parts:
-                problems = verify_parts(loc, parts.doc, reporter)
+                problems = verify_parts(loc, parts.doc, reporter, hash_parts)
                 if problems:
                     raise BundleCorrupt(problems, loc.display)
             n = len(parts.doc["parts"])

@@ -1,11 +1,14 @@
 """`hpcconv bundle import`: verify a bundle and add its images to the store.
 
-Order: part list, parts and manifest signature first (nothing is written before they pass); then
-every member is read once: blobs go through `BlobWriter` (digest-checked before they are published,
-a partial blob left by an interrupted import is resumed), every other member is hash-checked; the
-images' blob graphs are checked against the store; only then are the references tagged, last. A
-re-run after an interruption finds the published blobs and writes only what is missing; the end
-state does not depend on where the first run stopped.
+Order: the part list (seal, signature, every part present with its listed size) and the manifest
+(seal, signature, bound to the part list) are checked before anything is written. Then the container
+is read once, in order: blobs go through `BlobWriter` (published only after their digest matched;
+a partial blob left by an interrupted import is resumed), every other member is hash-checked, and
+each part's sha256 is computed on the way and compared at the end. The images' blob graphs are
+checked against the store, and only then, last, are the references tagged. A damaged part therefore
+never yields a tag (its good blobs may already be in the store: they are content-verified). A re-run
+after an interruption finds the published blobs and writes only what is missing; the end state does
+not depend on where the first run stopped.
 """
 
 from __future__ import annotations

@@ -281,6 +281,12 @@ def convert(
     fmt_name = fmt.value if fmt else default_fmt
     if fmt_name not in allowed:
         raise UsageError(f"--format {fmt_name} is not a {target.value} format", hint=f"use {' or '.join(allowed)}")
+    from .dockerfile import looks_like_dockerfile
+
+    if "://" not in source and looks_like_dockerfile(Path(source)):   # a Dockerfile: build, then convert
+        from .workflow_cli import convert_dockerfile
+
+        return convert_dockerfile(source, target.value, fmt_name, output, compression.value, profile, report, force)
     prof = _load_profile(profile) if profile else None
     rep = _reporter()
     with rep.running():
@@ -380,6 +386,10 @@ from .bundle_cli import app as _bundle_app, push as _push  # noqa: E402  (hpccon
 
 app.add_typer(_bundle_app, name="bundle")
 app.command("push")(_push)
+
+from .workflow_cli import register as _register_workflow  # noqa: E402  (build, lint, test, launcher, recipe)
+
+_register_workflow(app)
 
 from .store_cli import app as _store_app  # noqa: E402  (hpcconv store verify|gc)
 

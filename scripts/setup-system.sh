@@ -13,7 +13,8 @@ pkgs=(docker.io docker-registry charliecloud squashfs-tools squashfs-tools-ng sq
       golang-github-spf13-pflag-dev golang-github-google-uuid-dev busybox-static
       skopeo umoci apache2-utils openssl ca-certificates
       gcc libc6-dev libopenmpi-dev openmpi-bin libmpich-dev mpich libfabric1 libibverbs1 ibverbs-providers
-      rdma-core libpsm2-2 libucx0)  # second line: real MPI/fabric files for the rewrite-pass tests
+      rdma-core libpsm2-2 libucx0
+      debootstrap)  # third line: the Debian 12 base image of the recipe build tests (tests/debianbase.py)  # second line: real MPI/fabric files for the rewrite-pass tests
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then

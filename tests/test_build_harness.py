@@ -1,0 +1,327 @@
+"""Issue 5 end to end with the real components: Docker engine builds (SDK, streamed log), the staged
+harness (lint, build, pull, flatten, rewrite, emit, run), user tests in Docker and under ch-run, the
+reports (validated against the shipped JSON Schema and JUnit XSD), `hpcconv test`, `recipe run`.
+
+Oracles: `ch-run` executing the outputs directly (not through the harness), `docker run`, siftool for
+SIF structure, the schema validators (each also shown to reject a broken document)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jsonschema
+import pytest
+import xmlschema
+
+from conftest import WORK, need
+from debianbase import import_into
+from ocitools import image_layout
+from siftools import siftool  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = json.loads((ROOT / "hpcconv/schemas/report.schema.json").read_text())
+XSD = xmlschema.XMLSchema(str(ROOT / "hpcconv/schemas/junit-10.xsd"))
+
+pytestmark = pytest.mark.docker
+
+
+def hpc(*args, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcconv.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture
+def env(docker_engine, tmp_path) -> dict:
+    return {**docker_engine.env(), "USER": "root", "HPCCONV_STORE": str(tmp_path / "store"),
+            "HOME": str(tmp_path / "home")}
+
+
+@pytest.fixture(scope="session")
+def debian_base(docker_engine) -> str:
+    need("debootstrap")
+    return import_into(docker_engine, WORK / "debian")
+
+
+def chrun(img: Path, *cmd: str, opts=("--set-env",)) -> subprocess.CompletedProcess:
+    return subprocess.run([need("ch-run"), *opts, str(img), "--", *cmd], capture_output=True, text=True,
+                          env={**os.environ, "USER": "root"}, timeout=300)
+
+
+def valid_report(path: Path) -> dict:
+    doc = json.loads(path.read_text())
+    jsonschema.validate(doc, SCHEMA)
+    return doc
+
+
+def valid_junit(path: Path) -> ET.Element:
+    XSD.validate(str(path))
+    return ET.parse(path).getroot()
+
+
+def checks_of(doc: dict, run_substr: str) -> list[dict]:
+    return [c for r in doc["runs"] if run_substr in r["name"] for c in r["checks"]]
+
+
+def junit_failures(root: ET.Element) -> list[tuple[str, str]]:
+    return [(s.get("name"), tc.get("name")) for s in root.iter("testsuite") for tc in s.iter("testcase")
+            if tc.find("failure") is not None]
+
+
+# acceptance 1: hpcconv build on a recipe Dockerfile -> Charliecloud image + SIF, user tests pass in Docker
+# and under ch-run --------------------------------------------------------------------------------------
+def test_build_numpy_recipe_charliecloud_and_sif(debian_base, env, tmp_path, siftool):
+    need("ch-run")
+    out = tmp_path / "out"
+    r = hpc("build", ROOT / "recipes/python-numpy", "-t", "hpcconv-test/python-numpy:1", "--build-arg",
+            f"BASE={debian_base}", "--target", "charliecloud", "--target", "singularity", "--profile", "supermuc-ng",
+            "--tests-from", ROOT / "recipes/python-numpy/recipe.toml", "-o", out,
+            "--report", tmp_path / "r.json", "--junit", tmp_path / "j.xml", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr[-6000:]
+    assert "Step 1/" in r.stderr          # the build log was streamed
+    sqfs, sif = out / "python-numpy.sqfs", out / "python-numpy.sif"
+    assert sqfs.read_bytes()[:4] == b"hsqs"
+    from siftools import sif_list
+
+    assert any(row["type"].startswith("FS") for row in sif_list(siftool, sif))
+    doc = valid_report(tmp_path / "r.json")
+    assert doc["status"] in ("pass", "warn") and doc["exit_code"] == 0
+    names = {(c["stage"], c["name"], c["status"]) for c in checks_of(doc, "")}
+    for t in ("numpy imports", "analysis runs", "bad input fails"):
+        assert ("build", f"test[docker]: {t}", "pass") in names
+    for run in doc["runs"][1:]:
+        st = {c["name"]: c["status"] for c in run["checks"]}
+        for t in ("numpy imports", "analysis runs", "bad input fails"):
+            assert st[f"test[ch-run]: {t}"] == "pass", run
+        assert st["smoke run (ch-run)"] == "pass"
+        assert st["layer digests"] == "pass" and st["platform"] == "pass"
+        assert {c["stage"] for c in run["checks"]} >= {"lint", "pull", "flatten", "rewrite", "emit", "run"}
+        assert all(c["duration"] >= 0 for c in run["checks"])
+    assert {r_["target"] for r_ in doc["runs"][1:]} == {"charliecloud", "singularity"}
+    # no runtime for SIF other than ch-run here: a skip with the reason, not a pass
+    if not (shutil.which("apptainer") or shutil.which("singularity")):
+        sk = [c for c in checks_of(doc, "singularity") if c["name"] == "runtime apptainer"]
+        assert sk and sk[0]["status"] == "skip" and "not installed" in sk[0]["detail"]
+    root = valid_junit(tmp_path / "j.xml")
+    assert junit_failures(root) == []
+    # the oracle: ch-run runs the Charliecloud output directly
+    x = chrun(sqfs, "analyze", "--demo", "100")
+    assert x.returncode == 0 and x.stdout.startswith("n=100 mean="), x.stderr
+
+
+# acceptance 2: a test passing in Docker but failing after conversion -> recipe run exit 1, the JUnit
+# report shows exactly that test failing in the run stage ---------------------------------------------
+def write_recipe(d: Path, base: str, tests: str, targets='["charliecloud"]', extra_df: str = "") -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "Dockerfile").write_text(f"FROM {base}\nRUN mkdir -p /opt/app && echo hello-from-image > /opt/app/msg\n"
+                                  f"{extra_df}ENV APP_MSG=/opt/app/msg\nWORKDIR /opt/app\n")
+    f = d / "recipe.toml"
+    f.write_text(textwrap.dedent(f"""\
+        name = "bb-app"
+        dockerfile = "Dockerfile"
+        tag = "hpcconv-test/bb-app:{d.name}"
+        targets = {targets}
+        """) + tests)
+    return f
+
+
+def test_recipe_run_catches_docker_vs_converted_difference(docker_busybox, env, tmp_path):
+    need("ch-run")
+    tests = textwrap.dedent("""\
+        [[tests]]
+        name = "reads its data"
+        run = "cat $APP_MSG"
+        expect = "hello-from-image"
+
+        [[tests]]
+        name = "writes into the image"
+        run = "echo result > /opt/app/out.txt"
+        """)
+    rf = write_recipe(tmp_path / "r1", docker_busybox, tests, '["charliecloud", "singularity"]')
+    r = hpc("recipe", "run", rf, "-o", tmp_path / "out", "--report", tmp_path / "r.json", "--junit", tmp_path / "j.xml",
+            env=env)
+    assert r.returncode == 1, r.stdout + r.stderr[-4000:]
+    root = valid_junit(tmp_path / "j.xml")
+    fails = junit_failures(root)
+    assert sorted(fails) == sorted([("bb-app charliecloud:squashfs / run", "test[ch-run]: writes into the image"),
+                                    ("bb-app singularity:sif / run", "test[ch-run]: writes into the image")]), fails
+    tc = next(tc for s in root.iter("testsuite") for tc in s.iter("testcase") if tc.find("failure") is not None)
+    assert "passes in Docker, fails under ch-run" in tc.find("failure").get("message")
+    doc = valid_report(tmp_path / "r.json")
+    assert doc["status"] == "fail" and doc["exit_code"] == 1
+    docker_side = {c["name"]: c["status"] for c in checks_of(doc, "bb-app build")}
+    assert docker_side["test[docker]: writes into the image"] == "pass"
+    assert docker_side["test[docker]: reads its data"] == "pass"
+    # without the failing test the same recipe passes: the exit status follows the checks
+    rf2 = write_recipe(tmp_path / "r2", docker_busybox, tests.split("[[tests]]\nname = \"writes")[0])
+    r = hpc("recipe", "run", rf2, "-o", tmp_path / "out2", "--junit", tmp_path / "j2.xml", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert junit_failures(valid_junit(tmp_path / "j2.xml")) == []
+
+
+def test_strict_turns_lint_warnings_into_failures(docker_busybox, env, tmp_path):
+    rf = write_recipe(tmp_path / "r3", docker_busybox, "", extra_df="EXPOSE 8080\n")
+    r = hpc("recipe", "run", rf, "-o", tmp_path / "o1", "--report", tmp_path / "a.json", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert valid_report(tmp_path / "a.json")["status"] == "warn"
+    r = hpc("recipe", "run", rf, "-o", tmp_path / "o2", "--strict", "--junit", tmp_path / "s.xml", "--report",
+            tmp_path / "s.json", env=env)
+    assert r.returncode == 1
+    root = valid_junit(tmp_path / "s.xml")
+    warn_fails = [tc for tc in root.iter("testcase") if tc.find("failure") is not None]
+    assert warn_fails and all(tc.find("failure").get("type") == "warning" for tc in warn_fails)
+    assert any(tc.get("name") == "lint.noop.expose" for tc in warn_fails)
+    doc = valid_report(tmp_path / "s.json")
+    assert doc["strict"] is True and doc["status"] == "fail"
+
+
+# build errors and the engine ---------------------------------------------------------------------------
+def test_build_failure_shows_failing_step_and_exits_1(docker_busybox, env, tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {docker_busybox}\nRUN echo first-step-ok\n\nRUN echo about-to-fail && "
+                                    "exit 7\nRUN echo never\n")
+    r = hpc("build", ctx, "-o", tmp_path / "out", "--report", tmp_path / "r.json", env=env)
+    assert r.returncode == 1
+    assert "first-step-ok" in r.stderr and "about-to-fail" in r.stderr    # streamed
+    doc = valid_report(tmp_path / "r.json")
+    b = next(c for c in doc["runs"][0]["checks"] if c["name"] == "docker build")
+    assert b["status"] == "fail"
+    assert "step 3/4" in b["detail"] and "Dockerfile:4" in b["detail"] and "7" in b["detail"], b["detail"]
+    assert len(doc["runs"]) == 1                                          # nothing converted
+
+
+def test_engine_unreachable_exits_3(tmp_path):
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/nothing.sock", "HPCCONV_STORE": str(tmp_path / "s")}
+    r = hpc("build", tmp_path, "-o", tmp_path / "out", env=env, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert "cannot reach the Docker engine" in r.stderr
+    r = hpc("convert", tmp_path / "Dockerfile", "-o", tmp_path / "x.sqfs", env=env, timeout=120)
+    assert r.returncode == 3, r.stderr
+
+
+def test_convert_a_dockerfile_builds_then_converts(docker_busybox, env, tmp_path):
+    need("ch-run")
+    ctx = tmp_path / "app"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {docker_busybox}\nRUN echo built-by-docker > /msg\n")
+    out = tmp_path / "app.sqfs"
+    r = hpc("convert", ctx / "Dockerfile", "--target", "charliecloud", "-o", out, "--report", tmp_path / "r.json",
+            env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    valid_report(tmp_path / "r.json")
+    x = chrun(out, "cat", "/msg")
+    assert x.returncode == 0 and x.stdout == "built-by-docker\n"
+
+
+# hpcconv test on existing outputs -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def outputs(docker_engine, docker_busybox, tmp_path_factory):
+    """One busybox image converted to every output kind (by the plain convert command)."""
+    d = tmp_path_factory.mktemp("outs")
+    env = {**docker_engine.env(), "USER": "root", "HPCCONV_STORE": str(d / "store")}
+    src = f"docker-daemon:{docker_busybox}"
+    made = {}
+    for key, args, path in [("sqfs", ("--target", "charliecloud"), d / "bb.sqfs"),
+                            ("dir", ("--target", "charliecloud", "--format", "dir"), d / "bb-dir"),
+                            ("tar", ("--target", "charliecloud", "--format", "tar"), d / "bb.tar.gz"),
+                            ("sif", ("--target", "singularity"), d / "bb.sif"),
+                            ("shifter", ("--target", "shifter"), d / "bb-shifter")]:
+        r = hpc("convert", src, *args, "-o", path, env=env)
+        assert r.returncode == 0, r.stderr
+        made[key] = path
+    return made
+
+
+@pytest.mark.parametrize("kind", ["sqfs", "dir", "tar", "sif", "shifter"])
+def test_hpcconv_test_runs_every_output_kind(outputs, kind, tmp_path):
+    need("ch-run")
+    env = {**os.environ, "USER": "root"}
+    r = hpc("test", outputs[kind], "--profile", "generic-x86-64", "--run", "echo inside; test -x /bin/sh",
+            "--report", tmp_path / "r.json", "--junit", tmp_path / "j.xml", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = valid_report(tmp_path / "r.json")
+    st = {c["name"]: c for c in doc["runs"][0]["checks"]}
+    assert st["smoke run (ch-run)"]["status"] == "pass"
+    assert st["test[ch-run]: echo inside; test -x /bin/sh"]["status"] == "pass"
+    assert "inside" in st["test[ch-run]: echo inside; test -x /bin/sh"]["detail"]
+    assert any(n.startswith("valid:") and c["status"] == "pass" for n, c in st.items())
+    valid_junit(tmp_path / "j.xml")
+    # a failing command fails the run stage and the exit status
+    r = hpc("test", outputs[kind], "--run", "exit 3", "--junit", tmp_path / "f.xml", env=env)
+    assert r.returncode == 1
+    assert junit_failures(valid_junit(tmp_path / "f.xml")) == [(f"{outputs[kind]} / run", "test[ch-run]: exit 3")]
+
+
+def test_runtime_absent_is_a_skip_with_reason(outputs, tmp_path):
+    env = {"PATH": "/nonexistent", "USER": "root", "HOME": str(tmp_path)}
+    r = hpc("test", outputs["sif"], "--run", "true", "--report", tmp_path / "r.json", env=env)
+    assert r.returncode == 0, r.stderr
+    doc = valid_report(tmp_path / "r.json")
+    st = {c["name"]: c for c in doc["runs"][0]["checks"]}
+    assert st["runtime ch-run"]["status"] == "skip" and "not installed" in st["runtime ch-run"]["detail"]
+    assert st["runtime apptainer"]["status"] == "skip"
+    assert not any(c["stage"] == "run" and c["status"] == "pass" for c in doc["runs"][0]["checks"])
+
+
+def test_corrupt_sif_fails_validation(outputs, tmp_path):
+    bad = tmp_path / "bad.sif"
+    data = bytearray(outputs["sif"].read_bytes())
+    bad.write_bytes(bytes(data[: len(data) // 2]))       # truncated: the partition ends past the file
+    r = hpc("test", bad, "--report", tmp_path / "r.json", env={**os.environ, "USER": "root"})
+    assert r.returncode == 1
+    doc = valid_report(tmp_path / "r.json")
+    st = {c["name"]: c["status"] for c in doc["runs"][0]["checks"]}
+    assert st["valid: SIF structure"] == "fail" and st["run"] == "skip"
+
+
+def test_foreign_arch_runs_emulated(busybox_arm64, tmp_path):
+    need("ch-run")
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        pytest.skip("qemu-aarch64 binfmt is not enabled (scripts/setup-system.sh)")
+    layout = image_layout(tmp_path / "oci", busybox_arm64, "arm64")
+    env = {**os.environ, "USER": "root", "HPCCONV_STORE": str(tmp_path / "store")}
+    out = tmp_path / "arm.sif"
+    r = hpc("convert", f"oci:{layout}:arm64", "--target", "singularity", "-o", out, env=env)
+    assert r.returncode == 0, r.stderr
+    r = hpc("test", out, "--run", "uname -m", "--report", tmp_path / "r.json", env=env)
+    assert r.returncode == 0, r.stderr
+    st = {c["name"]: c for c in valid_report(tmp_path / "r.json")["runs"][0]["checks"]}
+    t = st["test[ch-run]: uname -m"]
+    assert t["status"] == "pass" and "emulated (arm64 on amd64 via qemu-aarch64 binfmt)" in t["detail"]
+    assert "aarch64" in t["detail"]
+
+
+# the schemas themselves can fail ------------------------------------------------------------------------
+def test_schemas_reject_broken_reports(tmp_path):
+    from hpcconv.harness.checks import Checks
+    from hpcconv.harness.report import RunReport, to_json, write_junit
+
+    rep = RunReport("x", Checks())
+    rep.checks.add("run", "t", "fail", "boom <&> \x01 ctrl", 0.5)
+    rep.checks.add("emit", "s", "skip", "no runtime", 0)
+    doc = to_json([rep], "test")
+    jsonschema.validate(doc, SCHEMA)
+    bad = json.loads(json.dumps(doc))
+    bad["runs"][0]["checks"][0]["status"] = "ok"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, SCHEMA)
+    bad = json.loads(json.dumps(doc))
+    del bad["summary"]["fail"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, SCHEMA)
+    write_junit(tmp_path / "j.xml", [rep])
+    root = valid_junit(tmp_path / "j.xml")
+    assert root.get("tests") == "2" and root.get("failures") == "1"
+    assert next(root.iter("skipped")).get("message") == "no runtime"
+    broken = (tmp_path / "j.xml").read_text().replace('<testcase name="t"', "<testcase")
+    (tmp_path / "b.xml").write_text(broken)
+    with pytest.raises(xmlschema.XMLSchemaValidationError):
+        XSD.validate(str(tmp_path / "b.xml"))

@@ -254,8 +254,9 @@ class BlobWriter:
         try:
             if self._f is not None:
                 # interrupted: keep the partial bytes for a resume unless they were proven wrong
-                if isinstance(exc, CorruptInput):
-                    self.discard()
+                if isinstance(exc, CorruptInput) or self.offset + self.written == 0:
+                    self.discard()          # proven wrong, or nothing worth keeping (e.g. another
+                                            # process published the blob while we waited for the lock)
                 else:
                     try:
                         self._f.close()

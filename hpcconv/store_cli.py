@@ -15,10 +15,10 @@ StoreOpt = typer.Option(None, "--store", help="Blob store directory (default $HP
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON result on stdout.")
 
 
-def _json_wanted(local: bool) -> bool:
-    from .cli import G
-
-    return local or G.json
+def _json_wanted(ctx: typer.Context, local: bool) -> bool:
+    """--json after `store CMD`, or the global one (read from the root context: under
+    `python -m hpcconv.cli` the cli module's globals live in __main__, not hpcconv.cli)."""
+    return local or bool(ctx.find_root().params.get("json_out"))
 
 
 def _open(store: Optional[Path]):
@@ -33,13 +33,13 @@ def _open(store: Optional[Path]):
 
 
 @app.command()
-def verify(store: Optional[Path] = StoreOpt, json_out: bool = JsonOpt):
+def verify(ctx: typer.Context, store: Optional[Path] = StoreOpt, json_out: bool = JsonOpt):
     """Re-hash every blob and check every reference's manifests, configs and layers (exit 4 on a problem)."""
     from .store_maint import verify as run
 
     st = _open(store)
     rep = run(st)
-    if _json_wanted(json_out):
+    if _json_wanted(ctx, json_out):
         typer.echo(json.dumps({"command": "store verify", "store": str(st.root), **rep.to_json()}, indent=2,
                               sort_keys=True))
     else:
@@ -54,6 +54,7 @@ def verify(store: Optional[Path] = StoreOpt, json_out: bool = JsonOpt):
 
 @app.command()
 def gc(
+    ctx: typer.Context,
     store: Optional[Path] = StoreOpt,
     grace: float = typer.Option(600.0, "--grace", help="Keep unreferenced blobs and temporaries younger than this many seconds."),
     partial_grace: float = typer.Option(86400.0, "--partial-grace", help="Keep unclaimed partial downloads (for a resume) younger than this many seconds."),
@@ -65,7 +66,7 @@ def gc(
 
     st = _open(store)
     rep = run(st, grace=grace, partial_grace=partial_grace, dry_run=dry_run)
-    if _json_wanted(json_out):
+    if _json_wanted(ctx, json_out):
         typer.echo(json.dumps({"command": "store gc", "store": str(st.root), **rep.to_json()}, indent=2,
                               sort_keys=True))
     else:

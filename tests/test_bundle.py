@@ -437,11 +437,13 @@ def _manifest_body(bundle: Path) -> str:
 
 
 # outputs ---------------------------------------------------------------------------------------------------
-def test_include_outputs_and_extract(tmp_path, benv):
-    small_layout(tmp_path / "lay")
+def test_include_outputs_and_extract(tmp_path, benv, busybox_amd64):
+    need("tar2sqfs")
+    image_layout(tmp_path / "lay", busybox_amd64, "t")
     outs = tmp_path / "outs"
     (outs / "sandbox" / "bin").mkdir(parents=True)
-    (outs / "app.sqfs").write_bytes(os.urandom(100_000))
+    ok(hpc("convert", f"oci:{tmp_path / 'lay'}:t", "--target", "charliecloud", "--format", "squashfs",
+           "-o", str(outs / "app.sqfs"), env=benv))
     (outs / "notes.txt").write_bytes(b"compress me " * 50_000)
     (outs / "sandbox" / "bin" / "tool").write_bytes(b"#!/bin/sh\necho hi\n")
     b = tmp_path / "o.hpcbundle"
@@ -450,11 +452,15 @@ def test_include_outputs_and_extract(tmp_path, benv):
     assert {"outputs/app.sqfs", "outputs/notes.txt.zst", "outputs/sandbox.tar"} <= names   # zstd only where it helps
     dest = tmp_path / "got"
     dest.mkdir()
-    ok(hpc("bundle", "import", str(b), "--outputs", str(dest), env={**benv, "HPCCONV_STORE": str(tmp_path / "s")}))
+    r = ok(hpc("bundle", "import", str(b), "--outputs", str(dest), env={**benv, "HPCCONV_STORE": str(tmp_path / "s")}))
+    assert "outputs/app.sqfs" in r.stdout
     assert (dest / "app.sqfs").read_bytes() == (outs / "app.sqfs").read_bytes()
     assert (dest / "notes.txt").read_bytes() == (outs / "notes.txt").read_bytes()
     with tarfile.open(dest / "sandbox.tar") as tf:
         assert tf.extractfile("sandbox/bin/tool").read() == b"#!/bin/sh\necho hi\n"
+    run = subprocess.run([need("ch-run"), str(dest / "app.sqfs"), "--", "/bin/echo", "carried-ok"],
+                         capture_output=True, text=True, env={**benv, "USER": "root"}, timeout=120)
+    assert run.returncode == 0 and run.stdout == "carried-ok\n", run.stderr
 
 
 # push ------------------------------------------------------------------------------------------------------

@@ -265,7 +265,7 @@ def convert(
     output: Path = typer.Option(..., "-o", "--output", help="Output file or directory."),
     compression: Compression = typer.Option(Compression.auto, "--compression", help="squashfs/tar compression: auto (the first the --profile site mounts, else gzip), gzip (widest compatibility) or zstd (fast)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Architecture profile of the target site."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write the checks as JSON to this file."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report (schema: hpcconv/schemas/report.schema.json) to this file."),
     platform: Optional[str] = PlatformOpt,
     insecure: bool = InsecureOpt,
     ca_cert: Optional[Path] = CaCertOpt,
@@ -273,6 +273,10 @@ def convert(
     username: Optional[str] = UserOpt,
     password_stdin: bool = PassStdinOpt,
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    test: list[str] = typer.Option([], "--test", help="Validate the output and run it (ch-run, apptainer...): a smoke run, then this shell command, which must exit 0; repeatable."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Validate and run the output, and write a JUnit XML report here."),
+    no_test: bool = typer.Option(False, "--no-test", help="With --test/--junit: validate the output but do not run it."),
+    strict: bool = typer.Option(False, "--strict", help="Warnings fail (exit 1)."),
 ):
     """Convert an image for an HPC container runtime (adapted to a site with --profile)."""
     from . import pipeline
@@ -286,7 +290,8 @@ def convert(
     if "://" not in source and looks_like_dockerfile(Path(source)):   # a Dockerfile: build, then convert
         from .workflow_cli import convert_dockerfile
 
-        return convert_dockerfile(source, target.value, fmt_name, output, compression.value, profile, report, force)
+        return convert_dockerfile(source, target.value, fmt_name, output, compression.value, profile, report, force,
+                                  test, junit, strict, no_test)
     prof = _load_profile(profile) if profile else None
     rep = _reporter()
     with rep.running():
@@ -306,8 +311,13 @@ def convert(
               "checks": checks.to_json(), "changes": out.changes, "run": res.run_hint, "site_run": out.site_run}
     if target is Target.shifter:
         result.update({"shifter_id": res.image_id, "files": [str(res.squashfs), str(res.meta)], "note": res.note})
-    if report:
-        report.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    if report or junit or test or strict:   # the harness: emit validation, run stage, v1 report / JUnit
+        from .workflow_cli import convert_harness, write_reports
+
+        hrep = convert_harness(source, target.value, fmt_name, output, out, prof, test, bool(test or junit) and not no_test)
+        checks = hrep.checks
+        result["checks"] = checks.to_json()
+        write_reports(hrep, "convert", report, junit, strict)
     _checks_table(checks)
     human = [f"wrote {output}"]
     if out.changes:
@@ -321,7 +331,7 @@ def convert(
     _emit_result(result, human)
     if target is Target.shifter and not (G.quiet or G.json):
         typer.echo(res.note)  # plain, unwrapped: it holds commands to copy
-    if checks.failed:
+    if checks.failed or (strict and checks.warned):
         raise typer.Exit(1)
 
 

@@ -208,7 +208,8 @@ def build(
 
 
 def convert_dockerfile(dockerfile: str, target: str, fmt: str, output: Path, compression: str,
-                       profile: Optional[str], report: Optional[Path], force: bool) -> None:
+                       profile: Optional[str], report: Optional[Path], force: bool, tests: list[str] = (),
+                       junit: Optional[Path] = None, strict: bool = False, no_test: bool = False) -> None:
     """``hpcconv convert path/to/Dockerfile``: build it (its directory is the context), then convert."""
     p = Path(dockerfile)
     if p.is_dir():
@@ -217,8 +218,9 @@ def convert_dockerfile(dockerfile: str, target: str, fmt: str, output: Path, com
         context, df = p.parent, p
     profs = _profiles([profile] if profile else [])
     jobs = [(profs[0], target, fmt, output)]
-    runs = build_and_convert(context, df, None, {}, None, jobs, [], compression=compression, force=force)
-    finish(runs, "convert", report, None, False)
+    runs = build_and_convert(context, df, None, {}, None, jobs, user_tests(list(tests), None), compression=compression,
+                             force=force, run=not no_test)
+    finish(runs, "convert", report, junit, strict)
 
 
 def lint_cmd(
@@ -368,3 +370,37 @@ def register(app: typer.Typer) -> None:
     app.command("test")(test)
     app.command("launcher")(launcher)
     app.add_typer(recipe_app, name="recipe")
+
+
+def convert_harness(source: str, target: str, fmt: str, output: Path, out, prof, tests: list[str],
+                    run: bool):
+    """`hpcconv convert ... --test/--junit`: the pipeline's checks, then emit validation and (unless
+    --no-test) the run stage, the tests also in Docker for a docker-daemon: source. A RunReport."""
+    from .harness.images import from_output, validate
+    from .harness.report import RunReport
+    from .harness.run import UserTest, docker_tests, run_stage
+
+    rep = RunReport(f"{source} -> {target}" + (f" @ {prof.name}" if prof else ""), source=source,
+                    profile=prof.name if prof else None, target=target, format=fmt, output=str(output))
+    rep.checks.extend(out.checks)
+    if out.emit is None:
+        return rep
+    uts = [UserTest(t) for t in tests]
+    emitted = from_output(target, fmt, Path(output), out.emit, out.image.platform.architecture, out.image.config)
+    rep.checks.extend(validate(emitted))
+    if run and not any(c.stage == "emit" and c.name.startswith("valid:") and c.status == "fail" for c in rep.checks.items):
+        results = None
+        if uts and source.startswith("docker-daemon:"):
+            c, results = docker_tests(source.split(":", 1)[1], uts)
+            rep.checks.extend(c)
+        rep.checks.extend(run_stage(emitted, uts, results))
+    return rep
+
+
+def write_reports(rep, command: str, report: Optional[Path], junit: Optional[Path], strict: bool) -> None:
+    from .harness import report as rpt
+
+    if report:
+        rpt.write_json(report, [rep], command, strict)
+    if junit:
+        rpt.write_junit(junit, [rep], strict)

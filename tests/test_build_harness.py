@@ -214,9 +214,11 @@ def test_convert_a_dockerfile_builds_then_converts(docker_busybox, env, tmp_path
     (ctx / "Dockerfile").write_text(f"FROM {docker_busybox}\nRUN echo built-by-docker > /msg\n")
     out = tmp_path / "app.sqfs"
     r = hpc("convert", ctx / "Dockerfile", "--target", "charliecloud", "-o", out, "--report", tmp_path / "r.json",
-            env=env)
+            "--test", "cat /msg", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    valid_report(tmp_path / "r.json")
+    st = {c["name"]: c["status"] for r_ in valid_report(tmp_path / "r.json")["runs"] for c in r_["checks"]}
+    assert st["docker build"] == "pass" and st["test[docker]: cat /msg"] == "pass"
+    assert st["test[ch-run]: cat /msg"] == "pass"
     x = chrun(out, "cat", "/msg")
     assert x.returncode == 0 and x.stdout == "built-by-docker\n"
 
@@ -325,3 +327,25 @@ def test_schemas_reject_broken_reports(tmp_path):
     (tmp_path / "b.xml").write_text(broken)
     with pytest.raises(xmlschema.XMLSchemaValidationError):
         XSD.validate(str(tmp_path / "b.xml"))
+
+
+def test_convert_with_tests_junit_and_no_test(docker_busybox, env, tmp_path):
+    need("ch-run")
+    src = f"docker-daemon:{docker_busybox}"
+    r = hpc("convert", src, "--target", "singularity", "-o", tmp_path / "a.sif", "--test", "echo ok-inside",
+            "--report", tmp_path / "a.json", "--junit", tmp_path / "a.xml", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = valid_report(tmp_path / "a.json")
+    st = {c["name"]: c for c in doc["runs"][0]["checks"]}
+    assert st["test[docker]: echo ok-inside"]["status"] == "pass"
+    assert st["test[ch-run]: echo ok-inside"]["status"] == "pass" and "ok-inside" in st["test[ch-run]: echo ok-inside"]["detail"]
+    assert st["valid: SIF structure"]["status"] == "pass" and st["smoke run (ch-run)"]["status"] == "pass"
+    valid_junit(tmp_path / "a.xml")
+    r = hpc("convert", src, "--target", "charliecloud", "-o", tmp_path / "b.sqfs", "--test", "exit 4", env=env)
+    assert r.returncode == 1
+    r = hpc("convert", src, "--target", "charliecloud", "-o", tmp_path / "c.sqfs", "--test", "exit 4", "--no-test",
+            "--report", tmp_path / "c.json", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = valid_report(tmp_path / "c.json")
+    assert not any(c["stage"] == "run" for c in doc["runs"][0]["checks"])
+    assert any(c["name"] == "valid: squashfs readable" for c in doc["runs"][0]["checks"])

@@ -1,4 +1,4 @@
-"""`hpcconv bundle create|verify|import|diff|keygen` and `hpcconv push` (kept out of cli.py)."""
+"""`hpcconv bundle create|verify|import|diff|repair|keygen` and `hpcconv push` (kept out of cli.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Offline bundles for air-gapped centres: create, verify, import, diff, keygen.")
+                  help="Offline bundles for air-gapped centres: create, verify, import, diff, repair, keygen.")
 
 KeyOpt = typer.Option(None, "--key", help="Trusted Ed25519 public key (PEM); repeat to trust several (default: "
                                           "$HPCCONV_BUNDLE_KEY). With a key, an unsigned or differently signed "
@@ -77,6 +77,7 @@ def create(
     tool_platform: Optional[List[str]] = typer.Option(None, "--tool-platform", help="Target wheel platform tag(s) for --with-tool (default: this machine's, or the --profile's arch)."),
     split: Optional[str] = typer.Option(None, "--split", help="Write numbered parts of at most SIZE (e.g. 700M, 4.7GB; `fat32` = 4 GiB - 1) plus part000, the part list."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Ed25519 private key (from `hpcconv bundle keygen`) to sign with."),
+    parity: bool = typer.Option(False, "--parity", help="With --split: also write NAME.hpcbundle.parity, from which any one lost or damaged part is rebuilt (`bundle repair`)."),
     since: Optional[List[Path]] = typer.Option(None, "--since", help="Incremental: leave out the blobs this earlier bundle (or its part000) carried. Repeatable."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle of that name (and all its parts)."),
     tmpdir: Optional[Path] = typer.Option(None, "--tmpdir", help="Scratch space for compressed members (default: next to the output)."),
@@ -101,7 +102,7 @@ def create(
         opts = C._source_options(sources[0], None, insecure, ca_cert, store, username, password_stdin, rep)
         spec = CreateSpec(sources=list(sources), out=output, platforms=plats, since=list(since or []),
                           outputs=include_outputs, tool=tool, split=parse_size(split) if split else None,
-                          key=sign, force=force, tmpdir=tmpdir)
+                          key=sign, force=force, tmpdir=tmpdir, parity=parity)
         res = do_create(spec, _make_opts(opts), rep)
     human = [f"wrote {f}" for f in res["files"]]
     human.append(f"bundle id {res['id']}, manifest sha256 {res['manifest_sha256']}"
@@ -211,6 +212,28 @@ def diff(
     if output:
         human += [f"wrote {f}" for f in res["files"]]
     C._emit_result(res, human)
+
+
+@app.command()
+def repair(
+    ctx: typer.Context,
+    path: Path = typer.Argument(..., help="NAME.hpcbundle (split, made with --parity), or any of its parts."),
+    key: Optional[List[Path]] = KeyOpt,
+):
+    """Rebuild the one missing or damaged part of a split bundle from its parity part (no re-sending)."""
+    from .bundle.parity import repair as do_repair
+    from .errors import CorruptInput
+
+    C = _cli(ctx)
+    rep = C._reporter()
+    try:
+        with rep.running():
+            res = do_repair(path, _keys(key), rep)
+    except CorruptInput as e:
+        _fail_json(C, e, "bundle repair")
+        raise
+    C._emit_result(res, [f"rebuilt {p} (matches its sha256 in part000)" for p in res["rebuilt"]]
+                   or [f"{res['bundle']}: every part is intact, nothing to rebuild"])
 
 
 @app.command()

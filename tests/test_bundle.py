@@ -587,3 +587,44 @@ def test_split_import_reads_once_and_names_a_bad_part(made, benv, tmp_path, monk
     r = hpc("bundle", "import", str(made["split"]), env={**benv, "HPCCONV_STORE": str(tmp_path / "s2")})
     bad(r, part.name)
     assert json.loads((tmp_path / "s2" / "index.json").read_text())["manifests"] == []
+
+
+# parity ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["drop", "flip", "truncate"])
+def test_parity_rebuilds_one_part(tmp_path, benv, keys, damage):
+    small_layout(tmp_path / "lay")
+    b = tmp_path / "p.hpcbundle"
+    ok(hpc("bundle", "create", f"oci:{tmp_path / 'lay'}:t", "-o", str(b), "--split", "64k", "--parity",
+           "--sign", str(keys["key"]), env=benv))
+    parts = sorted(tmp_path.glob("p.hpcbundle.part*"))
+    assert (tmp_path / "p.hpcbundle.parity").stat().st_size == 64 * 1024
+    victim = parts[-1] if damage == "truncate" else parts[2]    # the short last part too
+    original = victim.read_bytes()
+    if damage == "drop":
+        victim.unlink()
+    elif damage == "flip":
+        flip(victim, 1234)
+    else:
+        victim.write_bytes(original[:-100])
+    r = hpc("bundle", "verify", str(b), "--key", str(keys["pub"]), env=benv)
+    bad(r, victim.name, "bundle repair")
+    r = ok(hpc("bundle", "repair", str(b), "--key", str(keys["pub"]), env=benv))
+    assert victim.name in r.stdout
+    assert victim.read_bytes() == original
+    ok(hpc("bundle", "verify", str(b), "--key", str(keys["pub"]), env=benv))
+    ok(hpc("bundle", "import", str(b), env={**benv, "HPCCONV_STORE": str(tmp_path / "s")}))
+
+
+def test_parity_cannot_rebuild_two_parts(tmp_path, benv):
+    small_layout(tmp_path / "lay")
+    b = tmp_path / "p.hpcbundle"
+    ok(hpc("bundle", "create", f"oci:{tmp_path / 'lay'}:t", "-o", str(b), "--split", "64k", "--parity", env=benv))
+    parts = sorted(tmp_path.glob("p.hpcbundle.part*"))
+    flip(parts[1], 10)
+    flip(parts[3], 10)
+    r = hpc("bundle", "repair", str(b), env=benv)
+    bad(r, parts[1].name, parts[3].name, "send the others again")
+    flip(parts[3], 10)                                        # undo one: now a single bad part
+    (tmp_path / "p.hpcbundle.parity").write_bytes(b"\0" * 64 * 1024)   # but the parity part is wrong
+    r = hpc("bundle", "repair", str(b), env=benv)
+    bad(r, parts[1].name)

@@ -43,6 +43,7 @@ class CreateSpec:
     key: Path | None = None
     force: bool = False
     tmpdir: Path | None = None
+    parity: bool = False                           # with split: one XOR parity part (rebuilds any one part)
     source_platforms: dict = field(default_factory=dict)   # source -> platforms, overriding `platforms`
 
 
@@ -190,8 +191,13 @@ def create(spec: CreateSpec, make_opts, reporter: Reporter = NULL) -> dict:
     if not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} does not exist")
     key = fmt.load_private_key(spec.key) if spec.key else None
-    existing = [q for q in [out, *out.parent.glob(out.name + ".part*")]
-                if q.exists() and (q == out or fmt.PART_RE.fullmatch(q.name[len(out.name):]))]
+    from .parity import parity_path, write_parity
+
+    if spec.parity and not spec.split:
+        raise UsageError("--parity needs --split", hint="parity rebuilds one lost part of a split bundle")
+    existing = [q for q in [out, parity_path(out), *out.parent.glob(out.name + ".part*")]
+                if q.exists()
+                and (q in (out, parity_path(out)) or fmt.PART_RE.fullmatch(q.name[len(out.name):]))]
     if existing and not spec.force:
         raise UsageError(f"{existing[0]} exists", hint="choose another name or pass --force to replace it")
     have, bases = base_digests(spec.since) if spec.since else (set(), [])
@@ -264,6 +270,10 @@ def create(spec: CreateSpec, make_opts, reporter: Reporter = NULL) -> dict:
               if key else "", "images": body_doc["images"], "blobs": len(carried), "requires": len(requires),
               "bytes": cw.total, "files": [str(out)]}
     written = {str(out)} if not spec.split else {str(out.with_name(p["name"])) for p in cw.parts}
+    parity = None
+    if spec.parity:
+        parity = write_parity(out, [out.with_name(p["name"]) for p in cw.parts], spec.split, reporter)
+        written.add(str(parity_path(out)))
     stale = [q for q in existing if str(q) not in written]
     for q in sorted(stale, key=lambda q: not q.name.endswith(".part000")):   # an old part list goes first
         q.unlink()
@@ -271,8 +281,11 @@ def create(spec: CreateSpec, make_opts, reporter: Reporter = NULL) -> dict:
         parts_doc = {"hpcbundle_parts": fmt.FORMAT, "bundle": out.name, "manifest_sha256": fmt.sha256_hex(body),
                      "manifest": body_doc, "container": {"size": cw.total, "sha256": cw.whole.hexdigest()},
                      "parts": cw.parts}
+        if parity:
+            parts_doc["parity"] = parity
         p0 = fmt.part_path(out, 0)
         fmt.write_atomic(p0, fmt.seal(fmt.dump_body(parts_doc), fmt.DOMAIN_PARTS, key))
-        result["files"] = [str(p0)] + [str(out.with_name(p["name"])) for p in cw.parts]
+        result["files"] = [str(p0)] + [str(out.with_name(p["name"])) for p in cw.parts] \
+            + ([str(parity_path(out))] if parity else [])
         result["parts"] = len(cw.parts)
     return result

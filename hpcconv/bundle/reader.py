@@ -81,7 +81,30 @@ def verify_parts(loc: fmt.Location, parts: dict, reporter: Reporter, hash_parts:
                                         "a stray or added part"))
     if task is not None:
         task.done()
+    par = parts.get("parity")
+    data_bad = [p for p in problems if p[0].startswith(loc.base.name + ".part") and p[0] in
+                {fmt.part_path(loc.base, i).name for i in range(1, len(listed) + 1)}]
+    if par and len(data_bad) == 1 and len(problems) == 1 and _parity_ok(loc, par, hash_parts):
+        item, msg = problems[0]
+        problems[0] = (item, f"{msg}; it can be rebuilt here from the parity part: hpcconv bundle repair {loc.display}")
     return problems
+
+
+def _parity_ok(loc: fmt.Location, par: dict, hash_it: bool) -> bool:
+    from .parity import parity_path
+
+    p = parity_path(loc.base)
+    if not p.is_file() or p.stat().st_size != par.get("size"):
+        return False
+    return not hash_it or _hash_file(p, NULL_TASK)[1] == par.get("sha256")
+
+
+class _NullTask:
+    def advance(self, n):
+        pass
+
+
+NULL_TASK = _NullTask()
 
 
 def compare_parts(loc: fmt.Location, listed: list[dict], got: dict[int, tuple[int, str]]) -> list[tuple[str, str]]:

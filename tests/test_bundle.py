@@ -628,3 +628,18 @@ def test_parity_cannot_rebuild_two_parts(tmp_path, benv):
     (tmp_path / "p.hpcbundle.parity").write_bytes(b"\0" * 64 * 1024)   # but the parity part is wrong
     r = hpc("bundle", "repair", str(b), env=benv)
     bad(r, parts[1].name)
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_parity_xor_paths_agree(monkeypatch, use_numpy):
+    from hpcconv.bundle import parity
+
+    if not use_numpy:
+        monkeypatch.setattr(parity, "_np", None)
+    elif parity._np is None:
+        pytest.skip("numpy is not installed (optional accelerator)")
+    for n, m in ((4096, 4096), (1003, 999), (17, 0)):
+        acc0, data = os.urandom(n), os.urandom(m)
+        acc = bytearray(acc0)
+        parity._xor(acc, data)
+        assert bytes(acc) == bytes(x ^ y for x, y in zip(acc0, data)) + acc0[m:]

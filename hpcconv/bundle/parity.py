@@ -24,9 +24,22 @@ def parity_path(out: Path) -> Path:
 
 
 def _xor(acc: bytearray, data: bytes) -> None:
+    """acc[:len(data)] ^= data. numpy when it is installed (about 100x faster), else Python integers
+    (about 100 MB/s)."""
     n = len(data)
-    if n:
-        acc[:n] = (int.from_bytes(acc[:n], "little") ^ int.from_bytes(data, "little")).to_bytes(n, "little")
+    if not n:
+        return
+    if _np is not None and n % 8 == 0:
+        a = _np.frombuffer(memoryview(acc)[:n], dtype=_np.uint64)
+        _np.bitwise_xor(a, _np.frombuffer(data, dtype=_np.uint64), out=a)
+        return
+    acc[:n] = (int.from_bytes(acc[:n], "little") ^ int.from_bytes(data, "little")).to_bytes(n, "little")
+
+
+try:  # optional accelerator, not a dependency
+    import numpy as _np
+except ImportError:  # pragma: no cover - depends on the environment
+    _np = None
 
 
 def write_parity(out: Path, parts: list[Path], part_size: int, reporter: Reporter = NULL) -> dict:

@@ -50,6 +50,12 @@ ROOT_TOOLS = re.compile(r"(^|[\s;&|/])(gosu|su-exec|setpriv|chroot|sudo|su|runus
                         r"setcap|capsh)(\s|$)")
 INSTALL = re.compile(r"\b(apt-get|apt|yum|dnf|microdnf|zypper|apk|conda|mamba|micromamba|spack)\s+(-\S+\s+)*"
                      r"(install|add|create)\b(.*?)(?=&&|\|\||;|$)", re.S)
+# gcc/clang -march values -> the x86-64 micro-architecture level they need (psABI levels)
+MARCH_LEVEL = {"x86-64": 1, "x86-64-v2": 2, "x86-64-v3": 3, "x86-64-v4": 4,
+               "nehalem": 2, "westmere": 2, "sandybridge": 2, "ivybridge": 2, "haswell": 3, "broadwell": 3,
+               "skylake": 3, "skylake-avx512": 4, "cascadelake": 4, "cooperlake": 4, "icelake-server": 4,
+               "icelake-client": 4, "sapphirerapids": 4, "emeraldrapids": 4, "graniterapids": 4,
+               "alderlake": 3, "znver1": 3, "znver2": 3, "znver3": 3, "znver4": 4, "znver5": 4}
 CUDA_DRIVER_MIN = {  # CUDA major -> minimum driver (minor-version compatibility, CUDA compat table)
     12: (525, 60), 11: (450, 80), 10: (410, 48)}
 
@@ -250,6 +256,7 @@ class Linter:
                     if m and (fam, ins.line) not in seen_mpi:
                         seen_mpi.add((fam, ins.line))
                         self.mpi.append((fam, ins, m.group(0)))
+                self._march_level(ins, text)
                 m = re.search(r"-march=native|-mtune=native|-xHost\b", text)
                 if m:
                     tgt = self.profile.cpu.target if self.profile and self.profile.cpu.target else None
@@ -287,6 +294,28 @@ class Linter:
                 if f not in use and f not in ("libfabric",):
                     self.warn("lint.fabric", ins, f"{what} is for another interconnect ({f}); {prof.name} "
                               f"has {fab}", "install the stack for " + fab + " (see hpcconv profiles show)")
+
+    def _march_level(self, ins: Instruction, text: str) -> None:
+        """-march=X that needs a newer x86-64 level than the site's CPUs have, or x86 flags for an aarch64 site."""
+        prof = self.profile
+        if prof is None:
+            return
+        for m in re.finditer(r"-march=([A-Za-z0-9_.+-]+)", text):
+            want = m.group(1).lower()
+            if want == "native":
+                continue
+            if prof.cpu.arch == "aarch64":
+                if want in MARCH_LEVEL or want.startswith("x86-64"):
+                    self.warn("lint.march", ins, f"-march={want} is an x86-64 target; {prof.name} is aarch64",
+                              f"build for {prof.platform} with -march={prof.cpu.target or 'armv8-a'}", status=FAIL)
+                continue
+            need = MARCH_LEVEL.get(want)
+            have = prof.cpu.level_num
+            if need and have and need > have:
+                self.warn("lint.march", ins, f"-march={want} emits x86-64-v{need} instructions; {prof.name}'s CPUs "
+                          f"are x86-64-v{have}: illegal instruction at run time",
+                          f"-march=x86-64-v{have}" + (f" (or -march={prof.cpu.target})" if prof.cpu.target else ""),
+                          status=FAIL)
 
     def _gpu_platform(self) -> None:
         prof = self.profile

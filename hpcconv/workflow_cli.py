@@ -130,7 +130,8 @@ def _tag_for(context: Path, dockerfile: Optional[Path]) -> str:
 def build_and_convert(context: Path, dockerfile: Optional[Path], tag: Optional[str], build_args: dict[str, str],
                       stage: Optional[str], jobs: list[tuple], tests, *, lint: bool = True, run: bool = True,
                       compression: str = "auto", force: bool = False, no_cache: bool = False,
-                      name: Optional[str] = None, store: Optional[Path] = None) -> list:
+                      name: Optional[str] = None, store: Optional[Path] = None,
+                      platform: Optional[str] = None) -> list:
     """Lint (per profile), build once, test in Docker, then each job (profile, target, fmt, output).
     Returns the RunReports: one for the build, one per job."""
     from .harness.report import RunReport
@@ -151,7 +152,18 @@ def build_and_convert(context: Path, dockerfile: Optional[Path], tag: Optional[s
         if None in lints:
             brep.checks.extend(lints[None])
     log = None if (_g().quiet or _g().json) else (lambda ln: print(ln, file=sys.stderr, flush=True))
-    built = build_image(Path(context), dockerfile, tag, build_args, stage, tests, log, no_cache=no_cache)
+    if platform is None:
+        # every profile on one foreign architecture: build for it (RUN steps through qemu-user binfmt)
+        from .harness.run import host_arch
+
+        archs = {p.oci_arch for p in profiles if p is not None}
+        if len(archs) == 1 and next(iter(archs)) != host_arch():
+            platform = f"linux/{next(iter(archs))}"
+            brep.checks.add("build", "build platform", "pass", f"{platform} for "
+                            + ", ".join(p.name for p in profiles if p) + f" (this host is {host_arch()}: RUN steps "
+                            "and Docker-side tests are emulated through qemu-user binfmt)")
+    built = build_image(Path(context), dockerfile, tag, build_args, stage, tests, log, no_cache=no_cache,
+                        platform=platform)
     brep.checks.extend(built.checks)
     runs = [brep]
     if not built.ok:
@@ -174,6 +186,7 @@ def build(
     tag: Optional[str] = typer.Option(None, "-t", "--tag", help="Engine tag of the build (default hpcconv-build/CONTEXT:latest)."),
     build_arg: List[str] = BuildArgOpt,
     stage: Optional[str] = typer.Option(None, "--stage", help="Build this Dockerfile stage (docker build --target)."),
+    platform: Optional[str] = typer.Option(None, "--platform", help="docker build --platform (default: the profiles' architecture when it is not this host's)."),
     target: List[str] = TargetOpt,
     profile: List[str] = ProfileOpt,
     output: Path = typer.Option(..., "-o", "--output", help="Directory for the converted images (created)."),
@@ -203,7 +216,8 @@ def build(
     jobs = [(p, t, f, output_path(output, stem + (f"-{p.name}" if p and len(profs) > 1 else ""), t, f))
             for p in profs for t, f in targets]
     runs = build_and_convert(context, file, tag_, parse_build_args(build_arg), stage, jobs, tests, lint=not no_lint,
-                             run=not no_run, compression=compression, force=force, no_cache=no_cache, store=store)
+                             run=not no_run, compression=compression, force=force, no_cache=no_cache, store=store,
+                             platform=platform)
     finish(runs, "build", report, junit, strict)
 
 

@@ -349,3 +349,61 @@ def test_convert_with_tests_junit_and_no_test(docker_busybox, env, tmp_path):
     doc = valid_report(tmp_path / "c.json")
     assert not any(c["stage"] == "run" for c in doc["runs"][0]["checks"])
     assert any(c["name"] == "valid: squashfs readable" for c in doc["runs"][0]["checks"])
+
+
+def test_build_for_an_aarch64_site_on_amd64_runs_emulated(docker_engine, busybox_arm64, env, tmp_path):
+    """--profile of an aarch64 site: the build targets linux/arm64 (RUN through qemu binfmt), the user
+    test runs emulated in Docker and under ch-run, and the reports say so."""
+    need("ch-run")
+    from hpcconv.harness.run import host_arch
+
+    if host_arch() != "amd64":
+        pytest.skip("written for an amd64 host")
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        pytest.skip("qemu-aarch64 binfmt is not enabled (scripts/setup-system.sh)")
+    base = docker_engine.load(busybox_arm64, "hpcconv-test/busybox:arm64")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {base}\nRUN uname -m > /built-on\n")
+    r = hpc("build", ctx, "--profile", "generic-aarch64", "--target", "charliecloud", "-o", tmp_path / "out",
+            "--test", "cat /built-on; uname -m", "--report", tmp_path / "r.json", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = valid_report(tmp_path / "r.json")
+    st = {c["name"]: c for run in doc["runs"] for c in run["checks"]}
+    assert "linux/arm64" in st["build platform"]["detail"]
+    assert st["test[docker]: cat /built-on; uname -m"]["detail"].count("aarch64") == 2
+    t = st["test[ch-run]: cat /built-on; uname -m"]
+    assert t["status"] == "pass" and "emulated (arm64 on amd64" in t["detail"] and t["detail"].count("aarch64") >= 2
+    assert st["platform"]["status"] == "pass"
+
+
+def test_recipe_run_directory_one_combined_report(docker_busybox, env, tmp_path):
+    need("ch-run")
+    d = tmp_path / "recipes"
+    write_recipe(d / "built", docker_busybox, '[[tests]]\nrun = "cat /opt/app/msg"\nexpect = "hello"\n')
+    (d / "existing").mkdir()
+    (d / "existing" / "recipe.toml").write_text(textwrap.dedent(f"""\
+        name = "existing"
+        source = "docker-daemon:{docker_busybox}"
+        profiles = ["generic-x86-64", "supermuc-ng"]
+        targets = ["shifter"]
+        [[tests]]
+        name = "busybox shell"
+        run = "echo $0; busybox | head -1"
+        expect = "re:^BusyBox v1\\\\."
+        """))
+    r = hpc("recipe", "run", d, "-o", tmp_path / "out", "--report", tmp_path / "r.json", "--junit", tmp_path / "j.xml",
+            env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = valid_report(tmp_path / "r.json")
+    names = [run["name"] for run in doc["runs"]]
+    assert names == ["bb-app build", "bb-app charliecloud:squashfs", "existing docker",
+                     "existing shifter:squashfs @ generic-x86-64", "existing shifter:squashfs @ supermuc-ng"], names
+    st = {(run["name"], c["name"]): c["status"] for run in doc["runs"] for c in run["checks"]}
+    assert st[("existing docker", "test[docker]: busybox shell")] == "pass"
+    for p in ("generic-x86-64", "supermuc-ng"):
+        assert st[(f"existing shifter:squashfs @ {p}", "test[ch-run]: busybox shell")] == "pass"
+        assert st[(f"existing shifter:squashfs @ {p}", "runtime shifter")] == "skip"
+        assert list((tmp_path / "out" / "existing" / p / "existing.shifter").glob("hpcconv-*.meta"))
+    suites = {s.get("name") for s in valid_junit(tmp_path / "j.xml").iter("testsuite")}
+    assert "existing shifter:squashfs @ supermuc-ng / run" in suites and "bb-app build / build" in suites

@@ -164,6 +164,11 @@ def test_fabric_gpu_platform_march():
     assert "lint.platform" not in names(findings(arm, "alps-gh200"))
     m = [c for c in findings("FROM x\nRUN gcc -O3 -march=native a.c\n", "supermuc-ng") if c.name == "lint.march"]
     assert m and "skylake" in m[0].detail
+    lvl = [c for c in findings("FROM x\nRUN gcc -O3 -march=skylake-avx512 a.c\n", "juwels-booster")
+           if c.name == "lint.march"]
+    assert lvl and lvl[0].status == "fail" and "x86-64-v4" in lvl[0].detail and "x86-64-v3" in lvl[0].detail
+    assert "lint.march" not in names(findings("FROM x\nRUN gcc -march=skylake-avx512 a.c\n", "supermuc-ng"))
+    assert "lint.march" in names(findings("FROM x\nRUN gcc -march=x86-64-v3 a.c\n", "generic-aarch64"), "fail")
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)

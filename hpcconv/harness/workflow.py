@@ -45,10 +45,11 @@ def lint_checks(dockerfile: Path, profile, context: Path | None, build_args: dic
 
 
 def build_image(context: Path, dockerfile: Path | None, tag: str, build_args: dict[str, str], target: str | None,
-                tests: list[UserTest], log: Callable[[str], None] | None, no_cache: bool = False) -> Built:
+                tests: list[UserTest], log: Callable[[str], None] | None, no_cache: bool = False,
+                platform: str | None = None) -> Built:
     from .build import build
 
-    res = build(context, dockerfile, tag, build_args, target, log, no_cache=no_cache)
+    res = build(context, dockerfile, tag, build_args, target, log, no_cache=no_cache, platform=platform)
     b = Built(tag if res.ok else None, Path(dockerfile) if dockerfile else Path(context) / "Dockerfile", res.checks)
     if res.ok and tests:
         c, results = docker_tests(tag, tests)

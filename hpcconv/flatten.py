@@ -49,9 +49,13 @@ tests/test_flatten_docker.py):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
+import os
 import time
+from pathlib import Path
 from typing import Iterator
 
 from .compression import CHUNK, open_decompressed
@@ -70,6 +74,28 @@ WH_OPAQUE = ".wh..wh..opq"
 WH_PLNK = ".wh..wh.plnk"
 MAX_SYMLINK_HOPS = 40
 MAX_WARNINGS_KEPT = 50
+
+
+_INDEX_VERSION = 1
+_XATTR_KEYS = (XATTR_PREFIX, "LIBARCHIVE.xattr.")
+
+
+def _row(ti: Member) -> list:
+    """What the index pass uses of a member, for the index cache (JSON)."""
+    pax = {k: v for k, v in ti.pax_headers.items() if k.startswith(_XATTR_KEYS)}
+    return [ti.name, ti.type.decode("latin-1"), ti.mode, ti.uid, ti.gid, ti.mtime, ti.size, ti.linkname,
+            ti.devmajor, ti.devminor, pax]
+
+
+def _member(r: list) -> Member:
+    m = Member()
+    (m.name, t, m.mode, m.uid, m.gid, m.mtime, m.size, m.linkname, m.devmajor, m.devminor, pax) = r
+    if not (isinstance(m.name, str) and isinstance(t, str) and isinstance(pax, dict)):
+        raise ValueError("bad index row")
+    m.type = t.encode("latin-1")
+    m.pax_headers = pax
+    m.stored = m.size
+    return m
 
 
 class Ino:
@@ -323,8 +349,14 @@ class _Progress(io.RawIOBase):
 
 
 class Flattener:
-    def __init__(self, image: Image, reporter=NULL, max_expanded: int | None = None):
+    def __init__(self, image: Image, reporter=NULL, max_expanded: int | None = None,
+                 index_cache: "str | os.PathLike | None" = None):
         self.image = image
+        # where each layer's header index is kept, keyed by blob digest (the store's index-cache/):
+        # a later flatten of a layer already indexed skips the index pass over it
+        cache = index_cache if index_cache is not None else getattr(image, "index_cache", None)
+        self.index_cache = Path(cache) if cache and os.environ.get("HPCCONV_INDEX_CACHE", "1") != "0" else None
+        self._from_cache: set[int] = set()      # layers indexed from the cache (verified when re-read)
         self.reporter = reporter or NULL
         self.max_expanded = default_max_expanded() if max_expanded is None else (max_expanded or None)
         self._whited: set[str] = set()          # paths deleted by whiteouts/opaque dirs (hardlink checks)
@@ -332,7 +364,7 @@ class Flattener:
         self.warnings: list[str] = []
         self.stats = {"layers": len(image.layers), "members": 0, "whiteouts": 0, "opaque": 0,
                       "hardlinks": 0, "expanded_bytes": 0, "layers_reread": 0, "entries": 0,
-                      "by_type": {}, "content_bytes": 0, "warnings": 0}
+                      "by_type": {}, "content_bytes": 0, "warnings": 0, "layers_cached": 0}
         self.root = _implied_dir()
         self._indexed = False
 
@@ -427,10 +459,17 @@ class Flattener:
         self._indexed = True
         detail = f"{len(layers)} layer(s): blob digests verified"
         detail += ", diff_ids verified" if diff_ids else ", no diff_ids in the config"
+        if self._from_cache:
+            detail += (f" ({len(self._from_cache)} indexed from the cache: verified when cached, and again "
+                       f"when re-read for content)")
         self.checks.add(STAGE, "layer digests", PASS, detail, time.monotonic() - t0)
 
     def _index_layer(self, i: int, diff_id: str | None, task) -> None:
         what = self._what(i)
+        if self._index_from_cache(i, diff_id, what):
+            task.advance(self.image.layers[i].descriptor.size)
+            return
+        rows: list | None = [] if self.index_cache is not None else None
         raw = self._open(i)
         cnt = pf = None
         try:
@@ -454,6 +493,8 @@ class Flattener:
                     raise _TooBig(f"expands beyond {cap} bytes (decompression bomb?)", hint=_BOMB_HINT)
                 if ti.sparse is not None and ti.size > ti.stored:
                     cnt.count_extra(ti.size - ti.stored)       # holes expand on output too
+                if rows is not None:
+                    rows.append(_row(ti))
                 try:
                     self._apply(st, ti, ordinal)
                 except _TooBig:
@@ -488,6 +529,62 @@ class Flattener:
             got = f"{diff_id.split(':', 1)[0]}:{cnt.h.hexdigest()}"
             if got != diff_id:
                 raise CorruptInput(f"{what}: uncompressed content {got} does not match diff_id {diff_id}")
+        if rows is not None:
+            self._save_index(i, diff_id, cnt.n + cnt.extra, rows)
+
+    # -- index cache -----------------------------------------------------------------------------
+    def _cache_file(self, i: int) -> Path | None:
+        if self.index_cache is None:
+            return None
+        algo, _, hexd = self.image.layers[i].digest.partition(":")
+        if not hexd or "/" in algo or "/" in hexd:
+            return None
+        return self.index_cache / algo / f"{hexd}.v{_INDEX_VERSION}.json"
+
+    def _save_index(self, i: int, diff_id: str | None, expanded: int, rows: list) -> None:
+        """Keep a verified layer's member headers (best effort: a cache that cannot be written is
+        simply not there next time)."""
+        path = self._cache_file(i)
+        if path is None:
+            return
+        doc = {"digest": self.image.layers[i].digest, "diff_id": diff_id or "", "expanded": expanded,
+               "members": rows}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(doc, separators=(",", ":")))
+            os.replace(tmp, path)
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _index_from_cache(self, i: int, diff_id: str | None, what: str) -> bool:
+        """Apply layer i from its cached header index; False when there is none (or it does not fit)."""
+        path = self._cache_file(i)
+        if path is None:
+            return False
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("digest") != self.image.layers[i].digest or (diff_id and doc.get("diff_id") != diff_id):
+                return False
+            rows, expanded = doc["members"], int(doc["expanded"])
+            members = [_member(r) for r in rows]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return False
+        cap = self.max_expanded
+        if cap is not None and self.stats["expanded_bytes"] + expanded > cap:
+            raise CorruptInput(f"{what}: expands beyond {cap} bytes (decompression bomb?)", hint=_BOMB_HINT)
+        st = _LayerState(i, what)
+        for ordinal, ti in enumerate(members):
+            try:
+                self._apply(st, ti, ordinal)
+            except HpcconvError as e:
+                raise type(e)(f"{what} entry {ti.name!r}: {e.message}", hint=e.hint) from None
+        self.stats["members"] += len(members)
+        self.stats["expanded_bytes"] += expanded
+        self.stats["layers_cached"] += 1
+        self._from_cache.add(i)
+        return True
 
     def _apply(self, st: "_LayerState", ti: Member, ordinal: int) -> None:
         kind = entry_type_of(ti)
@@ -683,13 +780,18 @@ class Flattener:
         self.stats["layers_reread"] += 1
         # Verified in full by the index pass; this pass stops at the last needed member, so a digest
         # could not be checked here anyway. Members are cross-checked (type, size) instead.
-        raw = self._open(i, verify=False)
+        # A layer indexed from the cache was not read in this run: it is read to the end here so that
+        # its blob digest is checked after all.
+        verify = i in self._from_cache
+        raw = self._open(i, verify=verify)
         pf = None
         try:
             ordinal = -1
             left = len(want)
-            pf = _Prefetch(open_decompressed(raw, what))
-            members = _members(io.BufferedReader(pf, CHUNK), what)
+            dec = open_decompressed(raw, what)
+            pf = _Prefetch(_ToEnd(dec, raw) if verify else dec)
+            buffered = io.BufferedReader(pf, CHUNK)
+            members = _members(buffered, what)
             while left:
                 tf, ti = next(members, (None, None))
                 if ti is None:
@@ -706,6 +808,11 @@ class Flattener:
                 yield self._entry(paths[0], ino, reader=tf.content(ti))
                 for p in paths[1:]:
                     yield self._entry(p, ino, link=paths[0])
+            if verify:
+                while buffered.read(CHUNK):
+                    pass
+                if not raw.verified:
+                    raise CorruptInput(f"{what}: blob was not fully verified")
         except (OSError, EOFError, ValueError) as e:
             raise CorruptInput(f"{what}: cannot read layer: {e}") from None
         finally:

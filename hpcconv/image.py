@@ -372,6 +372,7 @@ class Image:
     layers: list[Layer]
     index: Index | None = None   # the index/list this image was chosen from, if any
     source: str = ""             # transport name: docker, docker-daemon, docker-archive, oci, bundle
+    index_cache: str | None = None   # directory of per-layer header indexes (the store's), see flatten
 
     @property
     def platform(self) -> Platform:

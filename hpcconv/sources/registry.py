@@ -250,4 +250,5 @@ def from_store(ref: Reference, store: Store, want: Platform, opts: SourceOptions
 
 def _image(ref: Reference, store: Store, manifest: Manifest, config: ImageConfig, index: Index | None) -> Image:
     layers = [Layer(d, (lambda dg=d.digest: store.open_blob(dg)), i) for i, d in enumerate(manifest.layers)]
-    return Image(str(ref), manifest, config, layers, index=index, source="docker")
+    return Image(str(ref), manifest, config, layers, index=index, source="docker",
+                 index_cache=str(store.root / "index-cache"))

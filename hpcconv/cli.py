@@ -13,6 +13,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
+if len(sys.argv) < 2 or "--help" in sys.argv[1:]:
+    # plain click help: typer's rich help imports rich.markdown & co (~0.1-0.2 s), which would put
+    # `hpcconv --help` over its 0.3 s start-up budget (issue 7)
+    os.environ.setdefault("TYPER_USE_RICH", "0")
+
 import typer
 
 from . import __version__

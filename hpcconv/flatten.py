@@ -549,9 +549,9 @@ class Flattener:
             return
         doc = {"digest": self.image.layers[i].digest, "diff_id": diff_id or "", "expanded": expanded,
                "members": rows}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(doc, separators=(",", ":")))
             os.replace(tmp, path)
         except (OSError, ValueError):

@@ -92,6 +92,7 @@ class Linter:
         final = self.df.final
         env = stage_env(self.df, final, self.build_args)
         self._noop_and_user()
+        self._buildkit()
         self._home(env)
         self._entrypoint()
         self._stacks()
@@ -136,6 +137,17 @@ class Linter:
             elif ins.cmd in ("COPY", "ADD") and re.search(r"\s/root(/|\s|$)", " " + ins.args):
                 self.warn("lint.user", ins, "copies into /root, which the unprivileged job user cannot read",
                           "copy to /opt/<app> instead")
+
+    def _buildkit(self) -> None:
+        """Flags only BuildKit knows: `hpcconv build` drives the engine's classic builder (heredocs are
+        lowered for it; these cannot be)."""
+        only = {"RUN": ("mount", "network", "security"), "COPY": ("link", "parents", "exclude"), "ADD": ("link", "checksum", "keep-git-dir")}
+        for ins in self.df.instructions:
+            bad = [f for f in ins.flags if f in only.get(ins.cmd, ())]
+            if bad:
+                self.warn("lint.buildkit", ins, f"{ins.cmd} --{bad[0]} needs BuildKit; hpcconv build uses the engine's "
+                          "classic builder (Docker SDK), which rejects it", "drop the flag, or build with "
+                          "`docker buildx build` and convert the result (docker-daemon:TAG)")
 
     def _home(self, env: dict) -> None:
         julia_ins = None

@@ -407,3 +407,44 @@ def test_recipe_run_directory_one_combined_report(docker_busybox, env, tmp_path)
         assert list((tmp_path / "out" / "existing" / p / "existing.shifter").glob("hpcconv-*.meta"))
     suites = {s.get("name") for s in valid_junit(tmp_path / "j.xml").iter("testsuite")}
     assert "existing shifter:squashfs @ supermuc-ng / run" in suites and "bb-app build / build" in suites
+
+
+def test_heredoc_dockerfile_builds_with_the_classic_builder(docker_busybox, docker_engine, env, tmp_path):
+    """The SDK's classic builder knows no heredocs: hpcconv lowers them; the files the image holds are
+    what BuildKit's heredoc semantics give (expansion, quoted delimiters, <<- tabs, shebang, COPY)."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(textwrap.dedent(f"""\
+        # syntax=docker/dockerfile:1
+        FROM {docker_busybox}
+        ARG WHO=world
+        ENV GREETING=hello
+        RUN <<EOF
+        echo "$GREETING from script" > /x
+        echo 'it'"'"'s 100% \\\\n' >> /x
+        EOF
+        RUN cat > /y <<-'EOT'
+        \tliteral $GREETING
+        \tEOT
+        COPY --chmod=0600 <<EOF /etc/motd
+        hello $WHO
+        EOF
+        RUN <<EOF
+        #!/bin/sh
+        echo "shebang $0" >> /x
+        EOF
+        """))
+    r = hpc("build", ctx, "-t", "hpcconv-test/heredoc:1", "-o", tmp_path / "out", "--report", tmp_path / "r.json",
+            "--test", "cat /x /y /etc/motd; stat -c %a /etc/motd", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = docker_engine.run("run", "--rm", "hpcconv-test/heredoc:1", "cat", "/x", "/y", "/etc/motd").stdout.decode()
+    assert out.splitlines()[:2] == ["hello from script", "it's 100% \\\\n"]
+    assert out.splitlines()[2].startswith("shebang /tmp/.hpcconv-heredoc-")
+    assert out.splitlines()[3:] == ["literal $GREETING", "hello world"]
+    st = {c["name"]: c for run in valid_report(tmp_path / "r.json")["runs"] for c in run["checks"]}
+    assert "Dockerfile:5: RUN heredoc lowered" in st["heredocs"]["detail"]
+    assert st["test[docker]: cat /x /y /etc/motd; stat -c %a /etc/motd"]["detail"].endswith("600")
+    assert st["test[ch-run]: cat /x /y /etc/motd; stat -c %a /etc/motd"]["status"] == "pass"
+    # nothing of the lowering is left in the image
+    assert docker_engine.run("run", "--rm", "hpcconv-test/heredoc:1", "sh", "-c",
+                             "ls /tmp/.hpcconv-heredoc-* 2>/dev/null | wc -l").stdout.decode().strip() == "0"

@@ -150,6 +150,13 @@ def test_mpi_stack_against_host_mpi_profiles():
     assert "lint.mpi" in names(findings(src, "supermuc-ng", None), "fail")
 
 
+def test_buildkit_only_flags():
+    cs = findings("FROM x\nRUN --mount=type=cache,target=/root/.cache pip install a\nCOPY --link a /b\n")
+    bk = [c for c in cs if c.name == "lint.buildkit"]
+    assert [c.detail.split(":")[1] for c in bk] == ["2", "3"] and "classic builder" in bk[0].detail
+    assert "lint.buildkit" not in names(findings("FROM x\nRUN <<EOF\necho\nEOF\nCOPY --chown=1 a /b\n"))
+
+
 def test_fabric_gpu_platform_march():
     ib_no_ucx = "FROM debian\nRUN apt-get install -y libopenmpi-dev openmpi-bin\n"
     fab = [c for c in findings(ib_no_ucx, "marenostrum5-gpp") if c.name == "lint.fabric"]

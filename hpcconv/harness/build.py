@@ -57,6 +57,28 @@ def _instruction_line(dockerfile: Path | None, step: int) -> str | None:
     return None
 
 
+def _lower_heredocs(df_path: Path, checks: Checks) -> Path | None:
+    """A copy of the Dockerfile with heredocs lowered for the classic builder (outside the context:
+    the SDK sends it along), or None when there are none."""
+    import tempfile
+
+    from ..dockerfile import load
+    from .lower import lower
+
+    try:
+        df = load(df_path)
+    except UsageError:
+        return None          # the engine reports the syntax error itself, with its own words
+    if not any(i.heredocs for i in df.instructions):
+        return None
+    text, notes = lower(df, df_path.read_text(errors="replace"))
+    fd, name = tempfile.mkstemp(prefix="hpcconv-Dockerfile-")
+    with open(fd, "w") as f:
+        f.write(text)
+    checks.add(STAGE, "heredocs", PASS, "; ".join(notes))
+    return Path(name)
+
+
 def build(context: Path, dockerfile: Path | None, tag: str, build_args: dict[str, str] | None = None,
           target: str | None = None, log: Callable[[str], None] | None = None, pull: bool = False,
           no_cache: bool = False, platform: str | None = None) -> BuildResult:
@@ -72,9 +94,12 @@ def build(context: Path, dockerfile: Path | None, tag: str, build_args: dict[str
     try:
         rel = str(df_path.resolve().relative_to(context.resolve()))
     except ValueError:
-        rel = str(df_path.resolve())   # outside the context: the engine reads it from the given path
+        rel = str(df_path.resolve())   # outside the context: the SDK adds it to the context it sends
     cl = client()
     checks = Checks()
+    lowered = _lower_heredocs(df_path, checks)
+    if lowered is not None:
+        rel = str(lowered)
     lines: list[str] = []
     step = None
     err = None
@@ -113,6 +138,8 @@ def build(context: Path, dockerfile: Path | None, tag: str, build_args: dict[str
         raise SourceError(f"the Docker engine failed during the build: {str(e)[:200]}") from None
     except (ConnectionError, OSError) as e:
         raise SourceError(f"lost the connection to the Docker engine during the build: {e}") from None
+    if lowered is not None:
+        lowered.unlink(missing_ok=True)
     if partial and log:
         log(partial)
         lines.append(partial)

@@ -2,9 +2,10 @@
 
 Common rules for every sink:
 
-* The output is built under a temporary name next to it (`.NAME.hpcconv-XXXX.tmp`, same file system)
-  and renamed into place only when complete. On any error the temporary is removed: there is never a
-  partial output. An existing output is refused unless `force`; with `force` it is replaced only
+* The output is built under a temporary name next to it (`.NAME.hpcconv-HOST-PID-XXXX.tmp`, same file
+  system) and renamed into place only when complete. On any error the temporary is removed: there is
+  never a partial output. What a killed process (SIGKILL, power loss) left is removed by the next
+  write of the same output on that host, once its PID is gone (`reclaim_stale`). An existing output is refused unless `force`; with `force` it is replaced only
   after the new one is complete.
 * ENOSPC becomes a one-line `OutputError` naming the output.
 * No rootfs is staged on disk for `tar` and `squashfs`: the stream is written as a tar straight into
@@ -95,10 +96,63 @@ def check_output(out: Path, force: bool) -> None:
         raise UsageError(f"directory {out.parent} for the output does not exist")
 
 
+def _tmp_prefix(out: Path) -> str:
+    """`.NAME.hpcconv-HOST-PID-`: a later run can tell a dead process's leftover from a live one's."""
+    import socket
+
+    return f".{out.name}.hpcconv-{socket.gethostname()}-{os.getpid()}-"
+
+
 def _tmp_name(out: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.hpcconv-", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=_tmp_prefix(out), suffix=".tmp")
     os.close(fd)
     return Path(name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_stale(out: Path) -> list[str]:
+    """Remove what a killed hpcconv left next to `out` (temporaries of this host's dead processes);
+    an output moved aside by a process killed before it put the new one in place is moved back.
+    Returns the names removed or restored."""
+    import re
+    import socket
+
+    out = Path(out)
+    host = socket.gethostname()
+    done = []
+    try:
+        names = [n for n in os.listdir(out.parent) if n.startswith(f".{out.name}.hpcconv-")]
+    except OSError:
+        return done
+    for n in names:
+        rest = n[len(f".{out.name}.hpcconv-"):]
+        m = re.fullmatch(r"old-(\d+)", rest)
+        if m:
+            pid, owner = int(m.group(1)), host
+        else:
+            m = re.fullmatch(r"(.+)-(\d+)-[^-]+\.tmp", rest)
+            if not m:
+                continue                      # an older hpcconv's temporary: its owner is unknown
+            owner, pid = m.group(1), int(m.group(2))
+        if owner != host or pid == os.getpid() or _pid_alive(pid):
+            continue
+        path = out.parent / n
+        with contextlib.suppress(OSError):
+            if rest.startswith("old-") and not os.path.lexists(out):
+                os.rename(path, out)          # killed between moving the old output aside and the new in
+            else:
+                _remove(path)
+            done.append(n)
+    return done
 
 
 def _remove(path: Path) -> None:
@@ -127,6 +181,16 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _nearly_full(d: Path) -> bool:
+    """Whether the file system of `d` has little room left (under 64 MiB): a tool that failed with an
+    I/O error writing there most likely ran out of space."""
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (64 << 20) or (st.f_favail == 0 and st.f_files > 0)
+
+
 def _os_error(e: OSError, out: Path) -> HpcconvError:
     if e.errno == errno.ENOSPC:
         return OutputError(f"disk full while writing {out}", hint="free space or write the output elsewhere")
@@ -138,9 +202,11 @@ def _os_error(e: OSError, out: Path) -> HpcconvError:
 @contextlib.contextmanager
 def _atomic(out: Path, force: bool, kind: str = "file") -> Iterator[Path]:
     out = Path(out)
+    if out.parent.is_dir():
+        reclaim_stale(out)
     check_output(out, force)
     if kind == "dir":
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.hpcconv-", suffix=".tmp"))
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_tmp_prefix(out), suffix=".tmp"))
     else:
         tmp = _tmp_name(out)
     try:
@@ -318,7 +384,8 @@ def write_squashfs(entries: Iterable[Entry], path: Path | str, compression: str 
             msg = err.read().decode(errors="replace").strip()
         if rc != 0:
             tail = " / ".join(msg.splitlines()[-3:]) or f"exit status {rc}"
-            if "No space left" in msg:
+            if "No space left" in msg or ("I/O error" in msg and _nearly_full(path.parent)):
+                # tar2sqfs reports ENOSPC as "I/O error" and removes its output, freeing the space
                 raise OutputError(f"disk full while writing {path}", hint="free space or write the output elsewhere")
             raise OutputError(f"{os.path.basename(cmd[0])} failed writing {path}: {tail}")
         with open(tmp, "rb") as f:

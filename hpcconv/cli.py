@@ -428,17 +428,47 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM (a batch scheduler's time limit, `kill`): unwinds and cleans up like Ctrl-C."""
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+_PENDING: list[int] = []
+
+
+def _in_finalizer(frame) -> bool:
+    """Whether Python is running a weakref callback or __del__ (an exception raised there is
+    printed as 'ignored' and lost, so the Ctrl-C would be too)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or (code.co_name == "_remove" and code.co_filename.endswith("_weakrefset.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_signal(signum, frame):
+    """SIGINT/SIGTERM: raise in the main thread so that every `finally` cleans up. Raised inside a
+    finalizer it would be lost, so it is re-delivered a moment later instead."""
+    import signal
+
+    if signum == signal.SIGALRM:
+        if not _PENDING:
+            return
+        signum = _PENDING[0]
+    elif not _PENDING:
+        _PENDING.append(signum)
+    if _in_finalizer(frame):
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        return
+    raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def main() -> None:
     import signal
 
     with __import__("contextlib").suppress(ValueError):       # not in the main thread: leave it
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+            signal.signal(sig, _on_signal)
     try:
         rc = app(standalone_mode=False)   # click returns (not raises) a typer.Exit's code in this mode
+        if _PENDING and rc == 130:        # typer turned our KeyboardInterrupt into Exit(130) after unwinding
+            raise _Terminated() if _PENDING[0] == signal.SIGTERM else KeyboardInterrupt()
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except HpcconvError as e:
@@ -450,7 +480,8 @@ def main() -> None:
     except KeyboardInterrupt as e:
         # the stack has unwound (temporary outputs removed, child tools killed); a download thread
         # still blocked in a read must not hold the exit up, so leave without joining threads
-        term = isinstance(e, _Terminated)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        term = isinstance(e, _Terminated) or _PENDING[:1] == [signal.SIGTERM]
         print("hpcconv: terminated" if term else "hpcconv: interrupted", file=sys.stderr)
         _exit_now(143 if term else 130)
     except typer.Exit as e:

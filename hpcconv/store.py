@@ -105,9 +105,20 @@ class _Lease:
         self.path = d / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.fd = _lock_fd(self.path)
         self.pid = os.getpid()
+        import atexit
+
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """At a normal exit the lease goes; after a kill it stays until `store gc` finds it unlocked."""
+        if self.fd is not None and self.pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
 
     def add(self, digest: str) -> None:
-        if digest in self.seen:
+        if digest in self.seen or self.fd is None:
             return
         os.write(self.fd, (digest + "\n").encode())
         self.seen.add(digest)

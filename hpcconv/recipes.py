@@ -9,6 +9,7 @@ convert it for, and the tests it must pass in Docker and after conversion::
     context = "."                       # build context (default: the Dockerfile's directory)
     tag = "hpcconv-recipes/numpy-tool"  # engine tag of the build (default: hpcconv-recipes/NAME:latest)
     profiles = ["generic-x86-64", "supermuc-ng"]   # default: no profile
+    platform = "linux/arm64"            # optional: build for / pick this platform (default: the profiles')
     targets = ["charliecloud", "singularity", { target = "charliecloud", format = "dir" }]
     [build_args]
     BASE = "debian:12-slim"
@@ -104,6 +105,8 @@ def load(path: Path) -> Recipe:
         raise UsageError(f"{where}: tests must be [[tests]] tables")
     r.tests = [UserTest.from_dict(t, f"{where}: tests[{i}]") for i, t in enumerate(tests)]
     r.platform = data.get("platform")
+    if r.platform is not None and not (isinstance(r.platform, str) and re.match(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$", r.platform)):
+        raise UsageError(f"{where}: platform {r.platform!r} is not OS/ARCH[/VARIANT], e.g. linux/arm64")
     return r
 
 

@@ -359,7 +359,8 @@ def recipe_run(
         if rc.dockerfile is not None:
             _echo_err(f"== recipe {rc.name}: building {rc.dockerfile}")
             runs += build_and_convert(rc.context, rc.dockerfile, rc.tag, {**rc.build_args, **overrides}, None, jobs,
-                                      rc.tests, run=not no_run, force=force, name=rc.name, store=store)
+                                      rc.tests, run=not no_run, force=force, name=rc.name, store=store,
+                                      platform=rc.platform)
             continue
         _echo_err(f"== recipe {rc.name}: {rc.source}")
         docker_results = None
@@ -372,7 +373,14 @@ def recipe_run(
                 r0.checks.extend(c)
                 runs.append(r0)
         for p, t, f, out in jobs:
-            runs.append(convert_and_test(rc.source, _opts(store), t, out, f, p, tests=rc.tests,
+            opts = _opts(store)
+            if rc.platform:
+                from dataclasses import replace
+
+                from .image import Platform
+
+                opts = replace(opts, platform=Platform.parse(rc.platform))
+            runs.append(convert_and_test(rc.source, opts, t, out, f, p, tests=rc.tests,
                                          docker_results=docker_results, run=not no_run, force=force,
                                          name=f"{rc.name} {t}:{f}" + (f" @ {p.name}" if p else "")))
     finish(runs, "recipe run", report, junit, strict)

@@ -192,6 +192,7 @@ class TokenServer:
         self.realm = f"https://127.0.0.1:{self.port}/token"
         self.seen: list[dict] = []
         self.refresh_tokens = {f"refresh-{u}": u for u in users}     # identity tokens it accepts
+        self.issued: list[str] = []
         self._httpd: http.server.ThreadingHTTPServer | None = None
 
     def sign(self, claims: dict) -> str:
@@ -212,8 +213,10 @@ class TokenServer:
                     access.append({"type": "repository", "name": ":".join(parts[1:-1]),
                                    "actions": parts[-1].split(",")})
         now = int(time.time())
-        return self.sign({"iss": TOKEN_ISSUER, "sub": user, "aud": TOKEN_SERVICE, "exp": now + 600,
-                          "nbf": now - 30, "iat": now, "jti": uuid.uuid4().hex, "access": access})
+        tok = self.sign({"iss": TOKEN_ISSUER, "sub": user, "aud": TOKEN_SERVICE, "exp": now + 600,
+                         "nbf": now - 30, "iat": now, "jti": uuid.uuid4().hex, "access": access})
+        self.issued.append(tok)                  # secrets tests look for these in everything we wrote
+        return tok
 
     def start(self) -> "TokenServer":
         outer = self

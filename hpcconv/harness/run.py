@@ -179,8 +179,11 @@ class ChRun(Runtime):
 class Apptainer(Runtime):
     name = "apptainer"
 
+    def __init__(self, exe: str, image: Emitted):
+        super().__init__(exe, image)
+        self.name = Path(exe).name     # apptainer or singularity
+
     def exec(self, cmd: str, timeout: float) -> Execution:
-        self.name = Path(self.exe).name
         return _exec([self.exe, "exec", str(self.image.path), "/bin/sh", "-c", cmd], timeout)
 
 

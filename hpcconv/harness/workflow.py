@@ -107,7 +107,6 @@ def test_image(path: Path, tests: list[UserTest], profile=None, arch: str | None
                name: str | None = None) -> RunReport:
     """``hpcconv test``: emit validation and the run stage on an existing image."""
     from .images import detect, validate
-    from .run import emulation
 
     e = detect(Path(path), arch)
     rep = RunReport(name or str(path), output=str(path), profile=profile.name if profile else None,
@@ -118,12 +117,11 @@ def test_image(path: Path, tests: list[UserTest], profile=None, arch: str | None
         want = profile.oci_arch
         rep.checks.add("pull", "platform", PASS if e.arch == want else FAIL,
                        f"image is {e.arch}, {profile.name} runs {want}")
-    if e.arch is None and profile is not None:
-        e.arch = None   # unknown: run natively (a foreign binary fails with an exec format error)
+    # an unknown architecture (squashfs, dir, tar without --arch/--profile) runs natively; a foreign binary
+    # then fails with an exec format error unless binfmt_misc handles it
     if any(c.status == FAIL and c.stage == "emit" for c in rep.checks.items):
         rep.checks.add("run", "run", SKIP, "the image is not valid: not run")
         return rep
     if run:
-        ok, note = emulation(e.arch)
         rep.checks.extend(run_stage(e, tests))
     return rep

@@ -80,6 +80,14 @@ def script(runtime: str, profile, image: str, command: list[str], job_name: str 
            account: str | None = None, partition: str | None = None) -> str:
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}", hint="charliecloud, singularity or shifter")
+    low = image.lower()
+    if runtime == "charliecloud" and low.endswith((".sif", ".tar", ".tar.gz", ".tgz", ".tar.zst")):
+        raise UsageError(f"ch-run cannot run {image} as it is",
+                         hint="convert with --target charliecloud --format squashfs (or dir); for a tarball: ch-convert it first")
+    if runtime == "shifter" and not image.startswith(("id:", "docker:", "custom:")):
+        raise UsageError(f"Shifter runs images by id, not by path: {image}",
+                         hint="give the --target shifter output directory or its .squashfs (the id is taken from it), "
+                              "or id:ID")
     bs = binds(profile)
     env = environment(profile)
     pmi = profile.mpi.pmi[0] if profile.mpi.pmi else None
@@ -136,7 +144,7 @@ def script(runtime: str, profile, image: str, command: list[str], job_name: str 
         opts = [f"--volume={_q(b.src)}:{_q(b.dst)}" for b in bs]
         if any(b.mode == "rw" for b in bs):
             lines.append("# note: Shifter user volumes are read-write unless the site configures otherwise")
-        run = [*srun, "shifter", f"--image={image}", *opts, cmd]
+        run = [*srun, f"shifter --image={shlex.quote(image)}", *opts, cmd]
     lines.append(" \\\n    ".join(run))
     return "\n".join(lines) + "\n"
 

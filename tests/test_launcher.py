@@ -24,7 +24,8 @@ def launcher(*args):
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("site", SITES)
 def test_script_is_valid_bash_and_names_every_bind(site, runtime, tmp_path):
-    r = launcher("--runtime", runtime, "--profile", site, "/scratch/img.sif", "--", "mpi-hello", "--n", "2")
+    img = {"charliecloud": "/scratch/img.sqfs", "singularity": "/scratch/img.sif", "shifter": "id:hpcconv-abc"}[runtime]
+    r = launcher("--runtime", runtime, "--profile", site, img, "--", "mpi-hello", "--n", "2")
     assert r.returncode == 0, r.stderr
     script = r.stdout
     f = tmp_path / "job.sh"
@@ -54,7 +55,7 @@ def test_script_is_valid_bash_and_names_every_bind(site, runtime, tmp_path):
     if runtime == "charliecloud":
         assert " --set-env " in run_line.replace("\\\n", " ")
     if runtime == "shifter":
-        assert "#SBATCH --image=/scratch/img.sif" in script
+        assert "#SBATCH --image=id:hpcconv-abc" in script and "shifter --image=id:hpcconv-abc" in script
     assert "mpi-hello --n 2" in script
 
 
@@ -89,3 +90,16 @@ def test_host_mpi_script_runs_with_a_stub_srun(tmp_path):
     env.pop("HOST_MPI_LIB_DIR_1")
     out = subprocess.run(["bash", str(tmp_path / "job.sh")], capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "HOST_MPI_LIB_DIR_1" in out.stderr
+
+
+def test_image_the_runtime_cannot_run_is_a_usage_error(tmp_path):
+    r = launcher("--runtime", "charliecloud", "--profile", "lumi-c", "/x/app.sif")
+    assert r.returncode == 2 and "ch-run cannot run" in r.stderr
+    r = launcher("--runtime", "shifter", "--profile", "perlmutter-cpu", "/x/app.sif")
+    assert r.returncode == 2 and "by id" in r.stderr
+    d = tmp_path / "app.shifter"
+    d.mkdir()
+    (d / "hpcconv-0123.squashfs").write_bytes(b"hsqs")
+    (d / "hpcconv-0123.meta").write_text("FORMAT: squashfs\n")
+    r = launcher("--runtime", "shifter", "--profile", "perlmutter-cpu", str(d))
+    assert r.returncode == 0 and "#SBATCH --image=id:hpcconv-0123" in r.stdout

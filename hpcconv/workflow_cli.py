@@ -263,6 +263,8 @@ def test(
     run: List[str] = typer.Option([], "--run", "--test", help="A shell command that must exit 0 in the image; repeatable."),
     tests_from: Optional[Path] = TestsFromOpt,
     arch: Optional[str] = typer.Option(None, "--arch", help="The image's architecture (amd64, arm64) when the file does not say (SIF does)."),
+    bind: List[str] = typer.Option([], "-b", "--bind", help="HOST[:CONTAINER] to bind for the run stage (e.g. the site's MPI "
+                                   "library directory at the profile's mpi.lib_dirs target); repeatable."),
     report: Optional[Path] = ReportOpt,
     junit: Optional[Path] = JunitOpt,
     strict: bool = StrictOpt,
@@ -271,7 +273,15 @@ def test(
     from .harness.workflow import test_image
 
     prof = _profiles([profile] if profile else [])[0]
-    rep = test_image(image, user_tests(run, tests_from), prof, arch or (prof.oci_arch if prof else None))
+    binds = []
+    for b in bind:
+        src, _, dst = b.partition(":")
+        if not src.startswith("/") or (dst and not dst.startswith("/")):
+            raise UsageError(f"--bind {b!r}: HOST[:CONTAINER] with absolute paths")
+        if not Path(src).exists():
+            raise UsageError(f"--bind {b!r}: {src} does not exist on this host")
+        binds.append((src, dst or src))
+    rep = test_image(image, user_tests(run, tests_from), prof, arch or (prof.oci_arch if prof else None), binds=binds)
     finish([rep], "test", report, junit, strict)
 
 

@@ -448,3 +448,20 @@ def test_heredoc_dockerfile_builds_with_the_classic_builder(docker_busybox, dock
     # nothing of the lowering is left in the image
     assert docker_engine.run("run", "--rm", "hpcconv-test/heredoc:1", "sh", "-c",
                              "ls /tmp/.hpcconv-heredoc-* 2>/dev/null | wc -l").stdout.decode().strip() == "0"
+
+
+def test_hpcconv_test_binds_host_directories(outputs, tmp_path):
+    need("ch-run")
+    host = tmp_path / "site-lib"
+    host.mkdir()
+    (host / "marker").write_text("from-the-host\n")
+    env = {**os.environ, "USER": "root"}
+    for kind in ("sqfs", "sif"):
+        r = hpc("test", outputs[kind], "--bind", f"{host}:/var", "--run", "cat /var/marker", "--report",
+                tmp_path / f"{kind}.json", env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        st = {c["name"]: c for c in valid_report(tmp_path / f"{kind}.json")["runs"][0]["checks"]}
+        assert "from-the-host" in st["test[ch-run]: cat /var/marker"]["detail"]
+    r = hpc("test", outputs["sqfs"], "--run", "cat /var/marker", env=env)
+    assert r.returncode == 1                       # without the bind the file is not there
+    assert hpc("test", outputs["sqfs"], "--bind", "relative:/mnt", env=env).returncode == 2

@@ -38,6 +38,7 @@ class Emitted:
     arch: str | None = None      # OCI architecture when known (amd64, arm64)
     workdir: str | None = None
     env: dict[str, str] = field(default_factory=dict)   # for runtimes that do not read it from the image
+    binds: list[tuple[str, str]] = field(default_factory=list)   # (host, container) for the run stage
     tmp: list[Path] = field(default_factory=list)
 
     @property

@@ -153,7 +153,7 @@ class ChRun(Runtime):
 
     def argv(self, cmd: str) -> list[str]:
         e = self.image
-        opts: list[str] = []
+        opts: list[str] = [f"-b{src}:{dst}" for src, dst in e.binds]
         inner = ["/bin/sh", "-c", cmd]
         if e.kind == "charliecloud":
             opts.append("--set-env")   # /ch/environment, as ch-image writes it
@@ -184,7 +184,8 @@ class Apptainer(Runtime):
         self.name = Path(exe).name     # apptainer or singularity
 
     def exec(self, cmd: str, timeout: float) -> Execution:
-        return _exec([self.exe, "exec", str(self.image.path), "/bin/sh", "-c", cmd], timeout)
+        binds = [f"--bind={src}:{dst}" for src, dst in self.image.binds]
+        return _exec([self.exe, "exec", *binds, str(self.image.path), "/bin/sh", "-c", cmd], timeout)
 
 
 def _user() -> str:

@@ -104,11 +104,12 @@ def convert_and_test(source: str, opts, target: str, output: Path, fmt: str | No
 
 
 def test_image(path: Path, tests: list[UserTest], profile=None, arch: str | None = None, run: bool = True,
-               name: str | None = None) -> RunReport:
+               name: str | None = None, binds: list[tuple[str, str]] = ()) -> RunReport:
     """``hpcconv test``: emit validation and the run stage on an existing image."""
     from .images import detect, validate
 
     e = detect(Path(path), arch)
+    e.binds = list(binds)
     rep = RunReport(name or str(path), output=str(path), profile=profile.name if profile else None,
                     target={"charliecloud": "charliecloud", "sif": "singularity", "sandbox": "singularity",
                             "shifter": "shifter"}[e.kind], format=e.fmt)

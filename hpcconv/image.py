@@ -99,6 +99,8 @@ class Platform:
             raise UsageError(f"bad platform {text!r}", hint="use OS/ARCH[/VARIANT], e.g. linux/arm64")
         if parts[0] in _ARCH_ALIASES and len(parts) <= 2:
             parts = ["linux"] + parts
+        if len(parts) < 2:
+            raise UsageError(f"bad platform {text!r}", hint="use OS/ARCH[/VARIANT], e.g. linux/arm64")
         os_, arch = parts[0], parts[1]
         variant = parts[2] if len(parts) == 3 else ""
         return cls(os_, arch, variant).normalized()

@@ -1,4 +1,4 @@
-"""`hpcconv store verify|gc|ls`: look after the shared blob store (logic in store_maint.py)."""
+"""`hpcconv store verify|gc`: look after the shared blob store (logic in store_maint.py)."""
 
 from __future__ import annotations
 

@@ -309,3 +309,30 @@ def test_disk_full_in_the_output(fmt, big_image, henv, small_fs):
     assert r.returncode == 1, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "disk full while writing" in r.stderr, r.stderr
     assert os.listdir(small_fs) == []
+
+
+def test_sigkill_during_shifter_convert_then_rerun(big_image, henv, tmp_path):
+    """Shifter writes <id>.squashfs and <id>.meta into a directory: a killed run's temporaries
+    there are removed by the next run, which writes the same id as an uninterrupted run."""
+    need("tar2sqfs")
+    img, lay = big_image
+    src = f"oci:{lay}:t"
+    ref = tmp_path / "ref"
+    r = run("--quiet", "convert", src, "--target", "shifter", "-o", str(ref), env=henv)
+    assert r.returncode == 0, r.stderr
+    want = sorted(os.listdir(ref))
+    out = tmp_path / "shifter"
+    rnd = random.Random(SEED + 3)
+    killed = 0
+    for d in [round(rnd.uniform(0.3, 1.5), 2) for _ in range(2)]:
+        p = kill_at(["--quiet", "convert", src, "--target", "shifter", "-o", str(out)], henv, d)
+        killed += p.returncode == -signal.SIGKILL
+        time.sleep(0.2)
+        assert not [n for n in os.listdir(out) if n.endswith((".squashfs", ".meta")) and not n.startswith(".")] \
+            or p.returncode == 0
+    assert killed
+    r = run("--quiet", "convert", src, "--target", "shifter", "-o", str(out), "--force", env=henv)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == want
+    for n in want:
+        assert (out / n).read_bytes() == (ref / n).read_bytes()

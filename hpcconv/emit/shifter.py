@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import socket
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,21 @@ def install_note(image_id: str, out: Path, config: ImageConfig) -> str:
     return "\n".join(lines)
 
 
+def _reclaim_stale(out: Path) -> None:
+    """Remove the temporaries a killed hpcconv (this host, PID gone) left in the output directory."""
+    import re
+
+    host = socket.gethostname()
+    for name in os.listdir(out):
+        m = re.match(r"\.\.?hpcconv-shifter-(.+)-(\d+)-[0-9a-f]+\.squashfs", name)
+        if not m or m.group(1) != host or int(m.group(2)) == os.getpid() or sinks._pid_alive(int(m.group(2))):
+            continue
+        try:
+            os.unlink(out / name)
+        except OSError:
+            pass
+
+
 def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str | None = None,
          compression: str = "gzip", reporter: Reporter = NULL, force: bool = False, level: int | None = None,
          block_size: int = sinks.BLOCK_SIZE) -> ShifterResult:
@@ -194,7 +210,8 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str | Non
     compression_check(compression, checks, "Shifter mounts the image with the kernel's squashfs driver")
     meta = meta_text(image.config, checks).encode()
     fix = ShifterFixups(checks)
-    tmp = out / f".hpcconv-shifter-{os.getpid()}-{secrets.token_hex(4)}.squashfs"
+    _reclaim_stale(out)
+    tmp = out / f".hpcconv-shifter-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.squashfs"
     try:
         with checks.timed(STAGE, "write squashfs") as c:
             n = sinks.write_squashfs(fix.transform(entries), tmp, compression=compression, reporter=reporter,

@@ -203,6 +203,13 @@ def _manifest_cases(tmp: Path) -> dict[str, tuple[str, list[str]]]:
     with open(mpath, "r+b") as f:
         f.truncate(300 << 20)                  # index.json still says the real (small) size
     cases[name] = (f"oci:{d}:t", ["manifest"])
+    # docker-archive: a manifest.json whose tar header says 300 MB (the bytes need not follow: the
+    # cap is checked before reading)
+    hdr = tarfile.TarInfo("manifest.json")
+    hdr.size = 300 << 20
+    arch = tmp / "huge-manifest-json.tar"
+    arch.write_bytes(hdr.tobuf(tarfile.USTAR_FORMAT) + b"[" + b" " * 10_000)
+    cases["docker-archive-manifest-json-300mb"] = (f"docker-archive:{arch}", ["manifest.json", "limit"])
     del big
     return cases
 

@@ -301,11 +301,12 @@ class Linter:
                 self.warn("lint.fabric", ins, f"the image's own MPI ({what}) runs at {prof.name} over {fab}, but "
                           "the image installs no userspace stack for it: MPI falls back to TCP",
                           f"install {need}")
-        if use is not None:
-            for f, ins, what in self.fabric:
-                if f not in use and f not in ("libfabric",):
-                    self.warn("lint.fabric", ins, f"{what} is for another interconnect ({f}); {prof.name} "
-                              f"has {fab}", "install the stack for " + fab + " (see hpcconv profiles show)")
+        if use is not None and self.fabric and not {f for f, _, _ in self.fabric} & use:
+            # stacks for other fabrics only (one for several sites is fine: it is the missing one that hurts)
+            f, ins, what = self.fabric[0]
+            self.warn("lint.fabric", ins, f"the image's fabric stack ({', '.join(sorted({x for x, _, _ in self.fabric}))}) "
+                      f"is for another interconnect; {prof.name} has {fab}",
+                      "add the stack for " + fab + " (see hpcconv profiles show)")
 
     def _march_level(self, ins: Instruction, text: str) -> None:
         """-march=X that needs a newer x86-64 level than the site's CPUs have, or x86 flags for an aarch64 site."""

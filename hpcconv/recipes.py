@@ -11,6 +11,7 @@ convert it for, and the tests it must pass in Docker and after conversion::
     profiles = ["generic-x86-64", "supermuc-ng"]   # default: no profile
     platform = "linux/arm64"            # optional: build for / pick this platform (default: the profiles')
     targets = ["charliecloud", "singularity", { target = "charliecloud", format = "dir" }]
+                                        # or "site": per profile, what its site runs
     [build_args]
     BASE = "debian:12-slim"
 
@@ -89,6 +90,9 @@ def load(path: Path) -> Recipe:
     if not isinstance(targets, list) or not targets:
         raise UsageError(f"{where}: targets must be a non-empty list")
     for t in targets:
+        if t == "site":       # per profile: the targets its site runs (resolved by site_targets)
+            r.targets.append(("site", ""))
+            continue
         tgt, fmt = (t, None) if isinstance(t, str) else (t.get("target"), t.get("format")) if isinstance(t, dict) else (None, None)
         if tgt not in TARGETS:
             raise UsageError(f"{where}: unknown target {tgt!r}", hint="charliecloud, singularity or shifter")
@@ -108,6 +112,24 @@ def load(path: Path) -> Recipe:
     if r.platform is not None and not (isinstance(r.platform, str) and re.match(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$", r.platform)):
         raise UsageError(f"{where}: platform {r.platform!r} is not OS/ARCH[/VARIANT], e.g. linux/arm64")
     return r
+
+
+SITE_RUNTIMES = {"charliecloud": "charliecloud", "singularity": "singularity", "apptainer": "singularity",
+                 "shifter": "shifter"}
+
+
+def site_targets(targets: list[tuple[str, str]], profile) -> list[tuple[str, str]]:
+    """Expand "site": the formats the profile's site runs (Charliecloud when it names none we emit)."""
+    out: list[tuple[str, str]] = []
+    for t, f in targets:
+        if t == "site":
+            runs = [SITE_RUNTIMES[r] for r in (profile.site.runtimes if profile else ()) if r in SITE_RUNTIMES]
+            for tgt in runs or ["charliecloud"]:
+                if (tgt, TARGETS[tgt][0]) not in out:
+                    out.append((tgt, TARGETS[tgt][0]))
+        elif (t, f) not in out:
+            out.append((t, f))
+    return out
 
 
 def find(path: Path) -> list[Recipe]:

@@ -364,7 +364,7 @@ def recipe_run(
         for p in profs:
             d = base / (p.name if p else "default")
             d.mkdir(parents=True, exist_ok=True)
-            for t, f in rc.targets:
+            for t, f in R.site_targets(rc.targets, p):
                 jobs.append((p, t, f, output_path(d, rc.name, t, f)))
         if rc.dockerfile is not None:
             _echo_err(f"== recipe {rc.name}: building {rc.dockerfile}")

@@ -163,6 +163,11 @@ def test_fabric_gpu_platform_march():
     assert fab and "TCP" in fab[0].detail and "libucx0" in fab[0].detail
     ok = "FROM debian\nRUN apt-get install -y libopenmpi-dev openmpi-bin libucx0 libibverbs1\n"
     assert "lint.fabric" not in names(findings(ok, "marenostrum5-gpp"))
+    opa_only = "FROM debian\nRUN apt-get install -y libmpich-dev libpsm2-2\n"
+    other = [c for c in findings(opa_only, "marenostrum5-gpp") if c.name == "lint.fabric"]
+    assert any("another interconnect" in c.detail and "psm2" in c.detail for c in other)
+    both = "FROM debian\nRUN apt-get install -y libmpich-dev libpsm2-2 libucx0\n"
+    assert "lint.fabric" not in names(findings(both, "marenostrum5-gpp"))
     cuda = "FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04\n"
     assert "lint.gpu" in names(findings(cuda, "lumi-c"))
     assert "lint.gpu" not in names(findings(cuda, "juwels-booster"))

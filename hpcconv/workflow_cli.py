@@ -116,6 +116,16 @@ def finish(runs, command: str, report: Optional[Path], junit: Optional[Path], st
         typer.echo(json.dumps(doc, indent=2))
     elif not g.quiet:
         rpt.table(runs, strict)
+        for r in runs:   # plain lines: paths and commands to copy
+            if r.output and r.target and command != "test" and Path(r.output).exists():
+                line = f"wrote {r.output}"
+                if r.profile:
+                    rt = {"charliecloud": "charliecloud", "singularity": "singularity", "shifter": "shifter"}[r.target]
+                    line += f"  (job script: hpcconv launcher --runtime {rt} --profile {r.profile} {r.output})"
+                print(line, file=sys.stderr)
+        for p in (report, junit):
+            if p:
+                print(f"report: {p}", file=sys.stderr)
     code = rpt.exit_code(runs, strict)
     if code:
         raise typer.Exit(code)

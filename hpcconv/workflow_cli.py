@@ -35,10 +35,20 @@ StrictOpt = typer.Option(False, "--strict", help="Warnings fail (exit 1), in the
 BuildArgOpt = typer.Option([], "--build-arg", help="K=V for ARG K; repeatable.")
 
 
-def _g():
-    from .cli import G
+def _cli():
+    """The running cli module: under `python -m hpcconv.cli` that is __main__, not a second import of
+    hpcconv.cli (whose G would never see --quiet/--json)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name == "hpcconv.cli":
+        return main
+    from . import cli
 
-    return G
+    return cli
+
+
+def _g():
+    return _cli().G
 
 
 def _echo_err(line: str) -> None:
@@ -94,10 +104,9 @@ def _profiles(names: list[str]):
 
 
 def _opts(store: Optional[Path] = None):
-    from .cli import _reporter
     from .sources import SourceOptions
 
-    return SourceOptions(store_path=str(store) if store else None, reporter=_reporter())
+    return SourceOptions(store_path=str(store) if store else None, reporter=_cli()._reporter())
 
 
 def finish(runs, command: str, report: Optional[Path], junit: Optional[Path], strict: bool) -> None:

@@ -465,3 +465,14 @@ def test_hpcconv_test_binds_host_directories(outputs, tmp_path):
     r = hpc("test", outputs["sqfs"], "--run", "cat /var/marker", env=env)
     assert r.returncode == 1                       # without the bind the file is not there
     assert hpc("test", outputs["sqfs"], "--bind", "relative:/mnt", env=env).returncode == 2
+
+
+def test_quiet_and_json_reach_the_harness_commands(outputs, tmp_path):
+    env = {**os.environ, "USER": "root"}
+    r = hpc("-q", "test", outputs["sqfs"], "--run", "true", env=env)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == "", r.stderr
+    r = hpc("--json", "test", outputs["sqfs"], "--run", "true", env=env)
+    assert r.returncode == 0
+    doc = json.loads(r.stdout)
+    jsonschema.validate(doc, SCHEMA)
+    assert doc["command"] == "test" and "┃" not in r.stderr      # no table with --json

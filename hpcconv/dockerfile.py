@@ -268,7 +268,6 @@ def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
 def _stages(instructions: list[Instruction], path: str, escape: str, directives: dict) -> Dockerfile:
     global_args: dict[str, str | None] = {}
     stages: list[Stage] = []
-    env: dict[str, str | None] = {}
     for ins in instructions:
         if not stages and ins.cmd == "ARG":
             for k, v in parse_kv(ins.args, "ARG"):
@@ -280,7 +279,6 @@ def _stages(instructions: list[Instruction], path: str, escape: str, directives:
             name = words[2] if len(words) >= 3 and words[1].lower() == "as" else None
             plat = expand(ins.flags["platform"], global_args, escape) if "platform" in ins.flags else None
             stages.append(Stage(len(stages), base, name, plat, ins.line))
-            env = {}
         if not stages:
             if ins.cmd in ("ARG",):
                 continue

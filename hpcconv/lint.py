@@ -22,7 +22,7 @@ import re
 import time
 from pathlib import Path
 
-from .dockerfile import Dockerfile, Instruction, expand, parse_kv, stage_env
+from .dockerfile import Dockerfile, Instruction, expand, stage_env
 from .harness.checks import FAIL, PASS, WARN, Checks
 
 STAGE = "lint"
@@ -289,7 +289,7 @@ class Linter:
                               "build against " + ("MPICH (apt-get install libmpich-dev mpich)"
                                                   if mpi.family == "mpich-abi" else
                                                   "Open MPI (apt-get install libopenmpi-dev openmpi-bin)")
-                              + f" so the host MPI is injected at run time", status=FAIL)
+                              + " so the host MPI is injected at run time", status=FAIL)
         fab = prof.interconnect.type
         use = FABRIC_USE.get(fab)
         if use is not None and mpi.mode == "container" and self.mpi:
@@ -366,7 +366,7 @@ class Linter:
                 return
             if have < need:
                 self.warn("lint.gpu", from_ins, f"CUDA {cuda[0]}.{cuda[1]} needs driver >= {need[0]}.{need[1]}, "
-                          f"{prof.name} has {drv}", f"use a CUDA release the driver supports", status=FAIL)
+                          f"{prof.name} has {drv}", "use a CUDA release the driver supports", status=FAIL)
 
 
 def lint(df: Dockerfile, profile=None, context: Path | None = None, build_args: dict[str, str] | None = None) -> Checks:

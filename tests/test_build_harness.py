@@ -23,7 +23,7 @@ import xmlschema
 from conftest import WORK, need
 from debianbase import import_into
 from ocitools import image_layout
-from siftools import siftool  # noqa: F401  (fixture)
+from siftools import siftool  # noqa: F401,F811  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "hpcconv/schemas/report.schema.json").read_text())

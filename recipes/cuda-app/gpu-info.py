@@ -1,4 +1,5 @@
-"""Print the CUDA devices through the driver API (libcuda from the host), or say why there are none."""
+"""Print the CUDA devices through the driver API (libcuda from the host). Without a driver (a CI runner,
+a login node) it says so and exits 0; with a driver that fails to initialise it exits 3."""
 import ctypes
 import sys
 
@@ -6,7 +7,7 @@ try:
     cuda = ctypes.CDLL("libcuda.so.1")
 except OSError as e:
     print(f"no CUDA driver: {e}")
-    sys.exit(2)
+    sys.exit(0)
 n = ctypes.c_int()
 if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(n)) != 0:
     print("cuInit failed")

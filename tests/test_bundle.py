@@ -573,12 +573,16 @@ def test_split_sizes():
 
 
 def test_split_import_reads_once_and_names_a_bad_part(made, benv, tmp_path, monkeypatch):
-    from hpcconv.bundle import importer
+    from hpcconv.bundle import importer, reader
 
-    def second_pass(*a, **k):
-        raise AssertionError("parts were hashed in a second pass")
+    real = reader.verify_parts
 
-    monkeypatch.setattr(importer, "verify_parts", second_pass)
+    def no_second_pass(loc, parts, rep, hash_parts=True):
+        assert not hash_parts, "parts were hashed in a second pass"
+        return real(loc, parts, rep, hash_parts)
+
+    monkeypatch.setattr(reader, "verify_parts", no_second_pass)
+    assert reader.verify(made["split"])["parts"] >= 5
     res = importer.import_bundle(made["split"], str(tmp_path / "s1"))
     assert res["blobs_written"] == 5                      # 3 layers, config, manifest
     # a damaged part found during that single pass: named, and nothing is tagged

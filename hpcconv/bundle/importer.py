@@ -24,7 +24,7 @@ from ..sources.registry import BUNDLE_ANNOTATION
 from ..store import Store
 from . import fmt
 from .fmt import BundleCorrupt
-from .reader import Bundle, compare_parts, verify_parts
+from .reader import Bundle
 
 
 class _Tee:
@@ -148,55 +148,18 @@ def import_bundle(path, store_path=None, keys: list = (), reporter: Reporter = N
                               hint=f"import its base bundle first: {bases}")
         if outputs_dir is not None and not outputs_dir.is_dir():
             raise UsageError(f"--outputs {outputs_dir} is not a directory")
-        problems: list[tuple[str, str]] = []
-        listed = set(b.entries)
-        for m in b.order:
-            if m.name != fmt.MANIFEST and m.name not in listed:
-                problems.append((m.name, "is in the container but not in the manifest"))
-        task = reporter.task(f"import {b.loc.base.name}", total=sum(e["size"] for e in b.entries.values()))
         written = 0
-        tap = b.f if isinstance(b.f, fmt.MultiFile) else None
-        if tap is not None:
-            tap.start_tap()
 
-        def hash_upto(pos: int) -> None:             # tar headers, padding, unlisted members
-            while tap is not None and tap.tap_position() < pos:
-                if not tap.pread(tap.tap_position(), min(fmt.CHUNK, pos - tap.tap_position())):
-                    break
-
-        for p in [e for e in b.entries if e not in b.members]:
-            problems.append((f"{p} ({b.entries[p].get('digest')})" if b.entries[p].get("kind") == "blob" else p,
-                             "missing from the container"))
-        for m in b.order:                             # container order: one sequential read of every byte
-            hash_upto(m.offset)
-            e = b.entries.get(m.name)
-            if e is None:
-                continue
-            p = m.name
-            item = f"{p} ({e['digest']})" if e.get("kind") == "blob" else p
-            if m.size != e["size"]:
-                problems.append((item, f"is {m.size} bytes, the manifest says {e['size']}"))
-                continue
-            try:
-                if e.get("kind") == "blob":
-                    had = store.has(e["digest"])
-                    _import_blob(b, e, store, task)
-                    written += 0 if had else 1
-                else:
-                    b._check_member(e, task)
-            except CorruptInput as x:
-                problems.append((item, x.message))
-        task.done()
-        if tap is not None:
-            hash_upto(b.size)
-            listed = b.parts.doc["parts"]
-            digests = tap.tap_digests()
-            if digests is None:                       # some read was out of order: hash the parts again
-                part_problems = verify_parts(b.loc, b.parts.doc, reporter)
+        def one(e: dict, task) -> None:
+            nonlocal written
+            if e.get("kind") == "blob":
+                had = store.has(e["digest"])
+                _import_blob(b, e, store, task)
+                written += 0 if had else 1
             else:
-                part_problems = compare_parts(b.loc, listed, {i + 1: (listed[i]["size"], d)
-                                                              for i, d in enumerate(digests)})
-            problems = part_problems + problems      # a bad part first: it is what needs re-sending
+                b._check_member(e, task)
+
+        problems = b.each_member("import", one, reporter)
         if not problems:
             problems = b.check_images(have=store.has)
         if problems:

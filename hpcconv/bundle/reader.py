@@ -81,12 +81,18 @@ def verify_parts(loc: fmt.Location, parts: dict, reporter: Reporter, hash_parts:
                                         "a stray or added part"))
     if task is not None:
         task.done()
+    return repair_hint(loc, parts, problems, hash_parts)
+
+
+def repair_hint(loc: fmt.Location, parts: dict, problems: list[tuple[str, str]], check_parity: bool = True
+                ) -> list[tuple[str, str]]:
+    """With a parity part and exactly one bad data part, say that it can be rebuilt here."""
+    listed = parts.get("parts") or []
     par = parts.get("parity")
-    data_bad = [p for p in problems if p[0].startswith(loc.base.name + ".part") and p[0] in
-                {fmt.part_path(loc.base, i).name for i in range(1, len(listed) + 1)}]
-    if par and len(data_bad) == 1 and len(problems) == 1 and _parity_ok(loc, par, hash_parts):
+    data_bad = [p for p in problems if p[0] in {fmt.part_path(loc.base, i).name for i in range(1, len(listed) + 1)}]
+    if par and len(data_bad) == 1 and len(problems) == 1 and _parity_ok(loc, par, check_parity):
         item, msg = problems[0]
-        problems[0] = (item, f"{msg}; it can be rebuilt here from the parity part: hpcconv bundle repair {loc.display}")
+        problems = [(item, f"{msg}; it can be rebuilt here from the parity part: hpcconv bundle repair {loc.display}")]
     return problems
 
 
@@ -201,6 +207,15 @@ class Bundle:
                                        "the parts belong to another bundle")
             except CorruptInput as e:
                 raise BundleCorrupt([(fmt.MANIFEST, e.message)], loc.display) from None
+        except BundleCorrupt:
+            f.close()
+            if parts is not None and check_parts and not hash_parts:
+                # the part hashes were left for the one sequential read; a damaged part explains a
+                # damaged container best (it is what needs re-sending): find it now
+                problems = verify_parts(loc, parts.doc, reporter)
+                if problems:
+                    raise BundleCorrupt(problems, loc.display) from None
+            raise
         except BaseException:
             f.close()
             raise
@@ -249,29 +264,56 @@ class Bundle:
         return data
 
     # verification ---------------------------------------------------------------------------------
-    def verify_members(self, reporter: Reporter = NULL) -> list[tuple[str, str]]:
+    def each_member(self, desc: str, fn, reporter: Reporter = NULL) -> list[tuple[str, str]]:
+        """Call fn(entry, task) on every listed member in container order, in one sequential read of
+        the container; for a split bundle each part's sha256 is computed on the way and compared at the
+        end (bad parts are reported first: they are what needs re-sending)."""
         problems: list[tuple[str, str]] = []
-        listed = set(self.entries)
+        for p, e in self.entries.items():
+            if p not in self.members:
+                problems.append((f"{p} ({e.get('digest')})" if e.get("kind") == "blob" else p,
+                                 "missing from the container"))
+        tap = self.f if isinstance(self.f, fmt.MultiFile) else None
+        if tap is not None:
+            tap.start_tap()
+
+        def hash_upto(pos: int) -> None:             # tar headers, padding, unlisted members
+            while tap is not None and tap.tap_position() < pos:
+                if not tap.pread(tap.tap_position(), min(fmt.CHUNK, pos - tap.tap_position())):
+                    break
+
+        task = reporter.task(f"{desc} {self.loc.base.name}", total=sum(e["size"] for e in self.entries.values()))
         for m in self.order:
-            if m.name != fmt.MANIFEST and m.name not in listed:
-                problems.append((m.name, "is in the container but not in the manifest"))
-        total = sum(e["size"] for e in self.entries.values())
-        task = reporter.task(f"verify {self.loc.base.name}", total=total)
-        for path, e in self.entries.items():
-            item = f"{path} ({e['digest']})" if e.get("kind") == "blob" else path
-            m = self.members.get(path)
-            if m is None:
-                problems.append((item, "missing from the container"))
+            hash_upto(m.offset)
+            e = self.entries.get(m.name)
+            if e is None:
+                if m.name != fmt.MANIFEST:
+                    problems.append((m.name, "is in the container but not in the manifest"))
                 continue
+            item = f"{m.name} ({e['digest']})" if e.get("kind") == "blob" else m.name
             if m.size != e["size"]:
                 problems.append((item, f"is {m.size} bytes, the manifest says {e['size']}"))
                 continue
             try:
-                self._check_member(e, task)
+                fn(e, task)
             except CorruptInput as err:
                 problems.append((item, err.message))
         task.done()
+        if tap is not None:
+            hash_upto(self.size)
+            listed = self.parts.doc["parts"]
+            digests = tap.tap_digests()
+            if digests is None:                       # a read went out of order: hash the parts again
+                part_problems = verify_parts(self.loc, self.parts.doc, reporter)
+            else:
+                part_problems = repair_hint(self.loc, self.parts.doc, compare_parts(
+                    self.loc, listed, {i + 1: (listed[i]["size"], d) for i, d in enumerate(digests)}))
+            if part_problems:          # a bad part explains the member problems: it is what needs re-sending
+                return part_problems
         return problems
+
+    def verify_members(self, reporter: Reporter = NULL) -> list[tuple[str, str]]:
+        return self.each_member("verify", self._check_member, reporter)
 
     def _check_member(self, e: dict, task) -> None:
         h = hashlib.sha256()
@@ -382,7 +424,7 @@ def _drain(r) -> None:
 
 def verify(path, keys: list = (), reporter: Reporter = NULL) -> dict:
     """Full verification; raises BundleCorrupt naming every bad item, else returns a summary."""
-    b = Bundle.open(path, keys, reporter)
+    b = Bundle.open(path, keys, reporter, hash_parts=False)   # part hashes: during the one read below
     try:
         problems = b.verify_members(reporter)
         if not problems:

@@ -57,6 +57,17 @@ def _keys(key):
     return [load_public_key(k) for k in paths]
 
 
+def _warn(C, rep, res: dict) -> None:
+    """Warnings the library logged (e.g. a registry unreachable and a bundle-imported tag used):
+    in the JSON result, and on stderr for humans."""
+    warnings = [m for level, m in rep.messages if level == "warning"]
+    if warnings:
+        res.setdefault("warnings", []).extend(w for w in warnings if w not in res.get("warnings", []))
+        if not (C.G.quiet or C.G.json):
+            for w in warnings:
+                typer.echo(f"warning: {w}", err=True)
+
+
 def _fail_json(C, e, command: str) -> None:
     if C.G.json:
         C._emit_result({"command": command, "ok": False,
@@ -110,6 +121,7 @@ def create(
     for i in res["images"]:
         human.append(f"  {i['ref']} {i['digest']} ({', '.join(i['platforms'])})")
     human.append(f"{res['blobs']} blobs carried, {res['requires']} left to the base bundle(s), {res['bytes']} bytes")
+    _warn(C, rep, res)
     C._emit_result(res, human)
 
 
@@ -133,6 +145,7 @@ def verify(
         _fail_json(C, e, "bundle verify")
         raise
     res.update({"command": "bundle verify", "ok": True})
+    _warn(C, rep, res)
     C._emit_result(res, _describe(res, "OK", bool(keys)))
 
 
@@ -184,6 +197,7 @@ def import_(
     if res["images"]:
         human.append(f"convert offline with: hpcconv convert {res['images'][0]['ref']} ... "
                      f"(or bundle:{res['bundle']})")
+    _warn(C, rep, res)
     C._emit_result(res, human)
 
 
@@ -211,6 +225,7 @@ def diff(
                  f"{res['shared_blobs']} shared, {len(res['removed_blobs'])} no longer used")
     if output:
         human += [f"wrote {f}" for f in res["files"]]
+    _warn(C, rep, res)
     C._emit_result(res, human)
 
 
@@ -273,6 +288,8 @@ def push(
         opts = C._source_options(source, None, insecure, ca_cert, store, username, password_stdin, rep)
         plan = collect(source, _platforms(platform, None), _make_opts(opts))
         res = push_plan(plan, dest, opts, rep)
+    own = list(res["warnings"])
+    _warn(C, rep, res)
     C._emit_result(res, [f"pushed {source} to {res['dest']} {res['digest']} "
                          f"({', '.join(res['platforms'])}; {res['uploaded']} blobs uploaded, "
-                         f"{res['existing']} already there)"] + [f"warning: {w}" for w in res["warnings"]])
+                         f"{res['existing']} already there)"] + [f"warning: {w}" for w in own])

@@ -194,6 +194,11 @@ def test_round_trip_multiarch_with_registry_stopped(tmp_path, benv, plain_images
         ok(hpc("export", spec, "--insecure", "--platform", "linux/arm64", "--raw", "-o", str(tar_out), env=site))
         with tarfile.open(tar_out) as tf:
             assert elf_machine(tf.extractfile("bin/busybox").read()) == EM_AARCH64
+    # the centre forwards it (re-bundles from its store, registry still gone): it says where it came from
+    r = ok(hpc("bundle", "create", f"docker://{reg.host}/site/multi:1", "--insecure", "-o",
+               str(tmp_path / "again.hpcbundle"), env=site))
+    assert "unreachable" in r.stderr and "imported from bundle" in r.stderr
+    ok(hpc("bundle", "verify", str(tmp_path / "again.hpcbundle"), env=site))
     # a platform that was not carried is a clear error, not a network timeout
     r = hpc("export", f"bundle:{out}:site/multi:1", "--platform", "linux/s390x", "-o", str(tmp_path / "x.tar"),
             env=site)

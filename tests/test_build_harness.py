@@ -476,3 +476,20 @@ def test_quiet_and_json_reach_the_harness_commands(outputs, tmp_path):
     doc = json.loads(r.stdout)
     jsonschema.validate(doc, SCHEMA)
     assert doc["command"] == "test" and "┃" not in r.stderr      # no table with --json
+
+
+@pytest.mark.skipif(os.environ.get("HPCCONV_TEST_ALL_RECIPES") != "1",
+                    reason="builds every Debian-based recipe (minutes each, gcc + MPI from the Debian archive): "
+                           "set HPCCONV_TEST_ALL_RECIPES=1")
+@pytest.mark.parametrize("recipe", ["mpich-hello", "openmpi-ucx", "omnipath-psm2"])
+def test_debian_recipes_build_and_pass(recipe, debian_base, env, tmp_path):
+    need("ch-run")
+    r = hpc("recipe", "run", ROOT / "recipes" / recipe / "recipe.toml", "--build-arg", f"BASE={debian_base}",
+            "-o", tmp_path / "out", "--report", tmp_path / "r.json", "--junit", tmp_path / "j.xml", env=env,
+            timeout=1800)
+    assert r.returncode == 0, r.stderr[-4000:]
+    doc = valid_report(tmp_path / "r.json")
+    tests = [c for run in doc["runs"] for c in run["checks"] if c["name"].startswith("test[")]
+    assert tests and all(c["status"] == "pass" for c in tests), [c for c in tests if c["status"] != "pass"]
+    assert any(c["name"].startswith("test[ch-run]") for c in tests)
+    assert junit_failures(valid_junit(tmp_path / "j.xml")) == []

@@ -29,22 +29,31 @@ pytestmark = pytest.mark.registry
 
 
 class ProcWatch:
-    """Polls /proc/*/cmdline while hpcconv runs and keeps every command line it saw."""
+    """Polls /proc while hpcconv runs and keeps the command line of every process descending from
+    the ones we started (`track(pid)`); other processes on the machine (other test runs, whose
+    fixtures pass credentials to skopeo on purpose) are not ours to judge."""
 
     def __init__(self):
         self.seen: set[bytes] = set()
+        self.tracked: set[int] = set()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
+    def track(self, pid: int) -> None:
+        self.tracked.add(pid)
+
     def _run(self):
-        me = os.getpid()
         while not self._stop.is_set():
             for p in Path("/proc").iterdir():
-                if not p.name.isdigit() or int(p.name) == me:
+                if not p.name.isdigit():
                     continue
+                pid = int(p.name)
                 try:
-                    self.seen.add((p / "cmdline").read_bytes())
-                except OSError:
+                    ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    if pid in self.tracked or ppid in self.tracked:
+                        self.tracked.add(pid)
+                        self.seen.add((p / "cmdline").read_bytes())
+                except (OSError, ValueError, IndexError):
                     pass
             time.sleep(0.005)
 
@@ -91,6 +100,8 @@ def test_no_secret_anywhere(tls_registry, tls_images, token_registry, token_imag
         (["-vv", "pull", tok, "--username", USER, *ca], creds, None, 0),
         (["convert", tok, "--username", USER, *ca, "--target", "singularity", "-o", str(work / "t.sif")], creds,
          None, 0),
+        (["-vv", "convert", tok, "--username", USER, *ca, "--target", "charliecloud", "-o", str(work / "t.sqfs")],
+         creds, None, 0),
         (["-vv", "--json", "inspect", f"docker://{token_registry.host}/private/none:1", "--username", USER, *ca],
          creds, None, 3),
         (["-vv", "pull", f"docker://{token_registry.host}/private/busybox:9", "--username", USER, *ca], wrong,
@@ -107,10 +118,12 @@ def test_no_secret_anywhere(tls_registry, tls_images, token_registry, token_imag
     outputs: list[str] = []
     with ProcWatch() as watch:
         for args, env, stdin, code in runs:
-            r = subprocess.run([sys.executable, "-m", "hpcconv.cli", *args], env=env, input=stdin,
-                               capture_output=True, text=True, timeout=300)
-            assert r.returncode == code, (args, r.stderr)
-            outputs += [r.stdout, r.stderr]
+            p = subprocess.Popen([sys.executable, "-m", "hpcconv.cli", *args], env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            watch.track(p.pid)
+            out, err = p.communicate(stdin, timeout=300)
+            assert p.returncode == code, (args, err)
+            outputs += [out, err]
     assert token_server.issued, "the token registry was not used"
     needles = forms(PASSWORD) + [t.encode() for t in token_server.issued]
     hits = []
@@ -135,7 +148,7 @@ def test_no_secret_anywhere(tls_registry, tls_images, token_registry, token_imag
                     if n in data:
                         hits.append(f"{p}: {n[:16]!r}")
     assert files > 10 and (work / "b.hpcbundle").exists() and (work / "report.json").exists()
-    assert any("sqfs" in c.decode(errors="replace") or "hpcconv" in c.decode(errors="replace") for c in watch.seen)
+    assert any(b"hpcconv.cli" in c for c in watch.seen) and any(b"sqfs" in c for c in watch.seen)
     assert not hits, hits
     # the search itself works: the user's config.json does hold the Basic form
     assert forms(PASSWORD)[3] in cfg.read_bytes()

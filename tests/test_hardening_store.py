@@ -184,6 +184,9 @@ def test_gc_reclaims_leftovers_of_dead_processes(henv, store_dir):
         w.write(b"12345")
         w._f.flush()
         os.utime(w.partial, (old, old))
+        r = hpc("--json", "store", "gc", "--dry-run", env=henv)
+        dry = json.loads(r.stdout)
+        assert dry["dry_run"] and dry["partials_removed"] == 1 and stale.exists() and dead_tmp.exists()
         r = hpc("--json", "store", "gc", env=henv)
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)

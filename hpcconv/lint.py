@@ -50,6 +50,13 @@ ROOT_TOOLS = re.compile(r"(^|[\s;&|/])(gosu|su-exec|setpriv|chroot|sudo|su|runus
                         r"setcap|capsh)(\s|$)")
 INSTALL = re.compile(r"\b(apt-get|apt|yum|dnf|microdnf|zypper|apk|conda|mamba|micromamba|spack)\s+(-\S+\s+)*"
                      r"(install|add|create)\b(.*?)(?=&&|\|\||;|$)", re.S)
+# run-time writes into the image's tree (entrypoint scripts, CMD): read-only under ch-run/Apptainer/Shifter
+_P = r"(?P<path>/[^\s;&|'\"]*)"
+IMAGE_WRITES = [re.compile(r"\bsed\s+(-[a-zA-Z]*i[a-zA-Z]*|--in-place)\S*\s+(?:-\S+\s+|'[^']*'\s+|\"[^\"]*\"\s+|\S+\s+)*" + _P),
+                re.compile(r"(?<![<>&0-9])>>?\s*" + _P),
+                re.compile(r"\b(?:mkdir|touch|rm|ln|chmod|cp|mv|install)\b(?:\s+-\S+)*\s+(?:\S+\s+)*?" + _P + r"\s*(?:$|[;&|])")]
+WRITABLE = re.compile(r"^/(tmp|dev|proc|sys|run|var/tmp|scratch|work|home|mnt)(/|$)|^/?$|^/dev/null$")
+
 # gcc/clang -march values -> the x86-64 micro-architecture level they need (psABI levels)
 MARCH_LEVEL = {"x86-64": 1, "x86-64-v2": 2, "x86-64-v3": 3, "x86-64-v4": 4,
                "nehalem": 2, "westmere": 2, "sandybridge": 2, "ivybridge": 2, "haswell": 3, "broadwell": 3,
@@ -217,11 +224,26 @@ class Linter:
                         return None
         return None
 
+    def _image_write(self, text: str) -> tuple[int, str] | None:
+        """(line number, what) of the first write into the image's own tree in shell text."""
+        for ln_no, ln in enumerate(text.splitlines(), 1):
+            if ln.lstrip().startswith("#"):
+                continue
+            for rx in IMAGE_WRITES:
+                m = rx.search(ln)
+                if m and not WRITABLE.match(m.group("path")):
+                    return ln_no, m.group(0).strip()
+        return None
+
     def _entrypoint(self) -> None:
         for ins in self.stage_ins:
             if ins.cmd not in ("ENTRYPOINT", "CMD"):
                 continue
             words = ins.words()
+            w = self._image_write(ins.shell)
+            if w:
+                self.warn("lint.readonly", ins, f"{ins.cmd} writes into the image ({w[1]}): HPC runtimes mount "
+                          "the image read-only", "do it at build time (RUN), or write to /tmp or a bound directory")
             m = ROOT_TOOLS.search(ins.shell)
             if m:
                 self.warn("lint.root-entrypoint", ins, f"{ins.cmd} uses {m.group(2)}, which needs root: HPC "
@@ -233,6 +255,11 @@ class Linter:
                 found = self._entrypoint_script(words[0])
                 if found:
                     src_ins, text = found
+                    w = self._image_write(text)
+                    if w:
+                        self.warn("lint.readonly", ins, f"{words[0]} (copied at line {src_ins.line}) writes into the "
+                                  f"image on its line {w[0]} ({w[1]}): HPC runtimes mount the image read-only",
+                                  "do it at build time (RUN), or write to /tmp or a bound directory")
                     for ln_no, ln in enumerate(text.splitlines(), 1):
                         if ln.lstrip().startswith("#"):
                             continue

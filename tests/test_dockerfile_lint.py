@@ -136,6 +136,19 @@ def test_root_entrypoints_inline_and_in_copied_script(tmp_path):
     assert "lint.root-entrypoint" not in names(cs)
 
 
+def test_runtime_writes_into_the_read_only_image(tmp_path):
+    (tmp_path / "start.sh").write_text("#!/bin/sh\n# sed -i in a comment\nmkdir -p /tmp/cache\n"
+                                       "sed -i \"s/@PORT@/$PORT/\" /etc/app.conf\nexec app \"$@\"\n")
+    cs = findings('FROM x\nCOPY start.sh /start.sh\nENTRYPOINT ["/start.sh"]\n', context=tmp_path)
+    ro = [c for c in cs if c.name == "lint.readonly"]
+    assert ro and "Dockerfile:3" in ro[0].detail and "its line 4" in ro[0].detail and "/etc/app.conf" in ro[0].detail
+    assert "lint.readonly" in names(findings("FROM x\nCMD app > /var/log/app.log\n"))
+    assert "lint.readonly" not in names(findings("FROM x\nCMD app > /tmp/app.log 2>/dev/null\n"))
+    (tmp_path / "start.sh").write_text("#!/bin/sh\nmkdir -p /tmp/x && cp /opt/a /tmp/x/ && exec app\n")
+    cs = findings('FROM x\nCOPY start.sh /start.sh\nENTRYPOINT ["/start.sh"]\n', context=tmp_path)
+    assert "lint.readonly" not in names(cs)
+
+
 def test_mpi_stack_against_host_mpi_profiles():
     ompi = "FROM debian\nRUN apt-get update && \\\n    apt-get install -y openmpi-bin libopenmpi-dev\n"
     cs = findings(ompi, "supermuc-ng")                       # MPICH-ABI host injection

@@ -71,9 +71,7 @@ def _children(obj: dict) -> list[dict]:
         out.append(obj["config"])
     if isinstance(obj.get("layers"), list):
         out += [d for d in obj["layers"] if isinstance(d, dict)]
-    if isinstance(obj.get("subject"), dict):
-        pass          # a referrer's subject is not owned by it
-    return out
+    return out                    # a referrer's `subject` is not owned by it: not followed
 
 
 def _is_index(obj: dict, desc: dict | None = None) -> bool:

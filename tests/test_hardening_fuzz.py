@@ -22,7 +22,7 @@ import os
 import pytest
 
 try:
-    import hypothesis  # noqa: F401
+    import hypothesis  # noqa: F401  (availability check)
 except ImportError:                     # installed with .[test]; CI must not pass by skipping
     if os.environ.get("HPCCONV_REQUIRE_ALL") == "1":
         raise

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from ocitools import T, build_image, compress, image_layout, make_tar, sha256, write_layout
+from ocitools import T, build_image, image_layout, make_tar, sha256, write_layout
 
 CLI_TIMEOUT = 120
 

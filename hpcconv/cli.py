@@ -499,4 +499,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m hpcconv.cli` runs this file as __main__, a second copy of the module: hand over to
+    # the imported `hpcconv.cli` so that sub-apps reading its globals (--json, --quiet) see one state.
+    from hpcconv import cli as _cli
+
+    _cli.main()

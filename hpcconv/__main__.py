@@ -1,0 +1,5 @@
+"""`python -m hpcconv`."""
+
+from hpcconv.cli import main
+
+main()

@@ -32,6 +32,7 @@ class Globals:
     quiet: bool = False
     json: bool = False
     verbose: int = 0
+    reporter: object = None   # the running command's Reporter: its warnings go into the result
 
 
 G = Globals()
@@ -103,7 +104,8 @@ PassStdinOpt = typer.Option(False, "--password-stdin", help="Read the registry p
 def _reporter():
     from .progress import Reporter
 
-    return Reporter(enabled=not (G.quiet or G.json))
+    G.reporter = Reporter(enabled=not (G.quiet or G.json))
+    return G.reporter
 
 
 def _source_options(source: str, platform: Optional[str], insecure: bool, ca_cert: Optional[Path],
@@ -135,10 +137,16 @@ def _source_options(source: str, platform: Optional[str], insecure: bool, ca_cer
 
 def _emit_result(result: dict, human: list[str]) -> None:
     """JSON on stdout with --json; otherwise plain lines (no markup, no wrapping: commands in them
-    must stay copyable and paths may hold brackets)."""
+    must stay copyable and paths may hold brackets). Warnings the library logged on the running
+    command's reporter go into the result and, for humans, to stderr."""
+    warnings = [m for level, m in (G.reporter.messages if G.reporter else []) if level == "warning"]
+    if warnings:
+        result.setdefault("warnings", []).extend(w for w in warnings if w not in result["warnings"])
     if G.json:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
     elif not G.quiet:
+        for w in warnings:
+            typer.echo(f"warning: {w}", err=True)
         for line in human:
             typer.echo(line)
 

@@ -64,7 +64,7 @@ class Reporter:
             return Task(self, p.add_task(description, total=total))
 
     def log(self, level: str, message: str) -> None:
-        self.messages.append((level, message))
+        self.messages.append(("warning" if level == "warn" else level, message))
 
     def stop(self) -> None:
         if self._progress is not None:

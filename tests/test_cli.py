@@ -1,8 +1,11 @@
 """The command-line contract: help, version, usage errors and their exit codes."""
 
+import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def hpcconv(*args, **kw):
@@ -44,3 +47,19 @@ def test_help_starts_fast():
     t0 = time.monotonic()
     hpcconv("--help")
     assert time.monotonic() - t0 < 5
+
+
+def test_library_warnings_reach_the_user(tmp_path):
+    """A repaired oddity (hardlink to a missing target) is warned on stderr and listed in --json."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ocitools import T, build_image, image_layout, make_tar
+
+    img = build_image([make_tar([T("etc", "dir"), T("etc/link", "hard", link="etc/nowhere")])])
+    lay = image_layout(tmp_path / "lay", img, "t")
+    env = {**os.environ, "HPCCONV_STORE": str(tmp_path / "store")}
+    r = hpcconv("export", f"oci:{lay}:t", "--raw", "-o", str(tmp_path / "a.tar"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert any(l.startswith("warning: ") and "etc/nowhere" in l for l in r.stderr.splitlines()), r.stderr
+    r = hpcconv("--json", "export", f"oci:{lay}:t", "--raw", "-o", str(tmp_path / "b.tar"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert any("etc/nowhere" in w for w in json.loads(r.stdout)["warnings"])

@@ -97,7 +97,7 @@ def test_build_numpy_recipe_charliecloud_and_sif(debian_base, env, tmp_path, sif
         assert ("build", f"test[docker]: {t}", "pass") in names
     for run in doc["runs"][1:]:
         st = {c["name"]: c["status"] for c in run["checks"]}
-        for t in ("numpy imports", "analysis runs", "bad input fails"):
+        for t in ("numpy imports", "analysis runs", "bad input fails", "default command (docker run IMAGE)"):
             assert st[f"test[ch-run]: {t}"] == "pass", run
         assert st["smoke run (ch-run)"] == "pass"
         assert st["layer digests"] == "pass" and st["platform"] == "pass"
@@ -493,3 +493,39 @@ def test_debian_recipes_build_and_pass(recipe, debian_base, env, tmp_path):
     assert tests and all(c["status"] == "pass" for c in tests), [c for c in tests if c["status"] != "pass"]
     assert any(c["name"].startswith("test[ch-run]") for c in tests)
     assert junit_failures(valid_junit(tmp_path / "j.xml")) == []
+
+
+def test_entrypoint_tests_run_the_image_the_docker_way(docker_busybox, env, tmp_path):
+    """[[tests]] with entrypoint = true: `docker run IMAGE [ARGS]` in Docker; after conversion the way each
+    runtime runs an image (ch-run /ch/run.sh, the SIF's run action, Shifter's ENTRY + CMD)."""
+    need("ch-run")
+    d = tmp_path / "ep"
+    d.mkdir()
+    (d / "Dockerfile").write_text(f'FROM {docker_busybox}\nENTRYPOINT ["/bin/echo", "ep:"]\nCMD ["default"]\n')
+    (d / "recipe.toml").write_text(textwrap.dedent("""\
+        name = "ep"
+        dockerfile = "Dockerfile"
+        tag = "hpcconv-test/ep:1"
+        targets = ["charliecloud", "singularity", "shifter"]
+
+        [[tests]]
+        name = "default command"
+        entrypoint = true
+        expect = "re:^ep: default$"
+
+        [[tests]]
+        name = "arguments replace CMD"
+        entrypoint = true
+        run = "one 'two words'"
+        expect = "re:^ep: one two words$"
+        """))
+    r = hpc("recipe", "run", d / "recipe.toml", "-o", tmp_path / "out", "--report", tmp_path / "r.json", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = valid_report(tmp_path / "r.json")
+    got = {(run["name"], c["name"]): c for run in doc["runs"] for c in run["checks"] if c["name"].startswith("test[")}
+    assert got[("ep build", "test[docker]: default command")]["status"] == "pass"
+    for t in ("charliecloud:squashfs", "singularity:sif", "shifter:squashfs"):
+        for name in ("default command", "arguments replace CMD"):
+            c = got[(f"ep {t}", f"test[ch-run]: {name}")]
+            assert c["status"] == "pass", c
+    assert "ep: one two words" in got[("ep shifter:squashfs", "test[ch-run]: arguments replace CMD")]["detail"]

@@ -39,6 +39,8 @@ class Emitted:
     workdir: str | None = None
     env: dict[str, str] = field(default_factory=dict)   # for runtimes that do not read it from the image
     binds: list[tuple[str, str]] = field(default_factory=list)   # (host, container) for the run stage
+    entry: list[str] = field(default_factory=list)   # shifter: ENTRY and CMD from the meta
+    cmd: list[str] = field(default_factory=list)
     tmp: list[Path] = field(default_factory=list)
 
     @property
@@ -115,7 +117,14 @@ def _shifter(sq: Path, arch: str | None) -> Emitted:
             k, v = item.split("=", 1)
             env[k] = v
     return Emitted("shifter", "squashfs", sq.parent, squashfs=sq, meta=meta, arch=arch, env=env,
-                   workdir=m.get("WORKDIR"))
+                   workdir=m.get("WORKDIR"), entry=_meta_list(m.get("ENTRY")), cmd=_meta_list(m.get("CMD")))
+
+
+def _meta_list(v: str | None) -> list[str]:
+    """A meta ENTRY/CMD value ['a', 'b'] (elements between single quotes, no escapes: Shifter's parser)."""
+    import re
+
+    return re.findall(r"'([^']*)'", v or "")
 
 
 def from_output(target: str, fmt: str, output: Path, emit_result, arch: str | None, config=None) -> Emitted:

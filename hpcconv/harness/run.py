@@ -40,21 +40,39 @@ class UserTest:
     expect: str | None = None
     exit_code: int = 0
     timeout: float = 600
+    entrypoint: bool = False     # run = the ARGS for the image's ENTRYPOINT (replacing CMD), as `docker run IMAGE ARGS`
 
     @property
     def title(self) -> str:
-        return self.name or self.run
+        return self.name or (("run image " + self.run).strip() if self.entrypoint else self.run)
+
+    @property
+    def args(self) -> list[str]:
+        import shlex
+
+        return shlex.split(self.run)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "UserTest":
         from ..errors import UsageError
 
-        if not isinstance(d, dict) or not isinstance(d.get("run"), str) or not d["run"].strip():
-            raise UsageError(f"{where}: a test needs run = \"COMMAND\"")
-        unknown = set(d) - {"run", "name", "expect", "exit_code", "timeout"}
+        ep = d.get("entrypoint", False) if isinstance(d, dict) else False
+        if not isinstance(ep, bool):
+            raise UsageError(f"{where}: entrypoint must be true or false")
+        if not isinstance(d, dict) or not isinstance(d.get("run", "" if ep else None), str) or \
+                not (ep or d["run"].strip()):
+            raise UsageError(f"{where}: a test needs run = \"COMMAND\" (or entrypoint = true, run = \"ARGS\")")
+        unknown = set(d) - {"run", "name", "expect", "exit_code", "timeout", "entrypoint"}
         if unknown:
             raise UsageError(f"{where}: unknown test key(s) {', '.join(sorted(unknown))}",
-                             hint="keys: run, name, expect, exit_code, timeout")
+                             hint="keys: run, name, expect, exit_code, timeout, entrypoint")
+        if ep:
+            import shlex
+
+            try:
+                shlex.split(d.get("run", ""))
+            except ValueError as e:
+                raise UsageError(f"{where}: run = ARGS for the entrypoint: {e}") from None
         ec = d.get("exit_code", 0)
         if not isinstance(ec, int) or isinstance(ec, bool):
             raise UsageError(f"{where}: exit_code must be an integer")
@@ -66,7 +84,7 @@ class UserTest:
                 re.compile(exp[3:])
             except re.error as e:
                 raise UsageError(f"{where}: expect regex {exp[3:]!r}: {e}") from None
-        return cls(d["run"], d.get("name"), exp, ec, float(d.get("timeout", 600)))
+        return cls(d.get("run", ""), d.get("name"), exp, ec, float(d.get("timeout", 600)), ep)
 
     def judge(self, x: "Execution") -> tuple[bool, str]:
         if x.error:
@@ -143,6 +161,13 @@ class Runtime:
     def exec(self, cmd: str, timeout: float) -> Execution:
         raise NotImplementedError
 
+    def run_image(self, args: list[str], timeout: float) -> Execution:
+        """The image's ENTRYPOINT with ARGS (or its CMD), as `docker run IMAGE [ARGS]`."""
+        raise NotImplementedError
+
+    def test(self, t: "UserTest") -> Execution:
+        return self.run_image(t.args, t.timeout) if t.entrypoint else self.exec(t.run, t.timeout)
+
 
 class ChRun(Runtime):
     name = "ch-run"
@@ -153,12 +178,29 @@ class ChRun(Runtime):
 
     def argv(self, cmd: str) -> list[str]:
         e = self.image
+        if e.kind in ("sif", "sandbox"):
+            inner = ["/.singularity.d/actions/exec", "/bin/sh", "-c", cmd]   # the env scripts, as apptainer exec
+        else:
+            inner = ["/bin/sh", "-c", cmd]
+        return self._argv(inner)
+
+    def run_image(self, args: list[str], timeout: float) -> Execution:
+        e = self.image
+        if e.kind == "charliecloud":
+            inner = ["/ch/run.sh", *args]            # WORKDIR, ENTRYPOINT, CMD as docker run (hpcconv writes it)
+        elif e.kind in ("sif", "sandbox"):
+            inner = ["/.singularity.d/actions/run", *args]   # as `apptainer run IMAGE ARGS`
+        else:   # Shifter: `shifter --entrypoint [ARGS]` = ENTRY + (ARGS or CMD)
+            inner = [*e.entry, *(args or e.cmd)] or ["/bin/sh"]
+        env = dict(os.environ)
+        env.setdefault("USER", _user())
+        return _exec(self._argv(inner), timeout, env)
+
+    def _argv(self, inner: list[str]) -> list[str]:
+        e = self.image
         opts: list[str] = [f"-b{src}:{dst}" for src, dst in e.binds]
-        inner = ["/bin/sh", "-c", cmd]
         if e.kind == "charliecloud":
             opts.append("--set-env")   # /ch/environment, as ch-image writes it
-        elif e.kind in ("sif", "sandbox"):
-            inner = ["/.singularity.d/actions/exec", "/bin/sh", "-c", cmd]   # the env scripts, as apptainer exec
         elif e.kind == "shifter":
             opts += [f"--set-env={k}={v}" for k, v in e.env.items()]
         # WORKDIR: Charliecloud images are run the Docker way (`ch-run -c WORKDIR`, as hpcconv's run hint
@@ -186,6 +228,10 @@ class Apptainer(Runtime):
     def exec(self, cmd: str, timeout: float) -> Execution:
         binds = [f"--bind={src}:{dst}" for src, dst in self.image.binds]
         return _exec([self.exe, "exec", *binds, str(self.image.path), "/bin/sh", "-c", cmd], timeout)
+
+    def run_image(self, args: list[str], timeout: float) -> Execution:
+        binds = [f"--bind={src}:{dst}" for src, dst in self.image.binds]
+        return _exec([self.exe, "run", *binds, str(self.image.path), *args], timeout)
 
 
 def _user() -> str:
@@ -271,7 +317,7 @@ def run_stage(image: Emitted, tests: list[UserTest], docker_results: dict[int, t
             if smoke_test:
                 checks.items.append(smoke(rt, note, timeout))
             for i, t in enumerate(tests):
-                x = rt.exec(t.run, t.timeout)
+                x = rt.test(t)
                 ok, why = t.judge(x)
                 detail = ("passed: " + x.summary()) if ok else f"{why} ({x.summary()})"
                 if docker_results is not None and i in docker_results:
@@ -308,7 +354,7 @@ def docker_tests(tag: str, tests: list[UserTest], stage: str = "build") -> tuple
             checks.add(stage, f"test[docker]: {t.title}", SKIP, f"not run in Docker: {str(e)[:200]}")
         return checks, results
     for i, t in enumerate(tests):
-        x = docker_exec(cl, tag, t.run, t.timeout)
+        x = docker_exec(cl, tag, t.args if t.entrypoint else t.run, t.timeout, entrypoint=t.entrypoint)
         ok, why = t.judge(x)
         results[i] = (ok, x.summary())
         checks.items.append(_check(stage, f"test[docker]: {t.title}", ok,
@@ -316,15 +362,21 @@ def docker_tests(tag: str, tests: list[UserTest], stage: str = "build") -> tuple
     return checks, results
 
 
-def docker_exec(cl, tag: str, cmd: str, timeout: float) -> Execution:
+def docker_exec(cl, tag: str, cmd, timeout: float, entrypoint: bool = False) -> Execution:
+    """`docker run --rm --network host --entrypoint /bin/sh TAG -c CMD`, or with entrypoint=True
+    `docker run --rm --network host TAG [ARGS]` (cmd = the ARGS list)."""
     import docker.errors
 
     t0 = time.monotonic()
-    argv = ["docker", "run", "--rm", "--network", "host", "--entrypoint", "/bin/sh", tag, "-c", cmd]
+    if entrypoint:
+        argv = ["docker", "run", "--rm", "--network", "host", tag, *cmd]
+        kw = {"command": list(cmd) or None}
+    else:
+        argv = ["docker", "run", "--rm", "--network", "host", "--entrypoint", "/bin/sh", tag, "-c", cmd]
+        kw = {"command": ["-c", cmd], "entrypoint": ["/bin/sh"]}
     c = None
     try:
-        c = cl.api.create_container(tag, command=["-c", cmd], entrypoint=["/bin/sh"],
-                                    host_config=cl.api.create_host_config(network_mode="host"))
+        c = cl.api.create_container(tag, host_config=cl.api.create_host_config(network_mode="host"), **kw)
         cid = c["Id"]
         cl.api.start(cid)
         try:

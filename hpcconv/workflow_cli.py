@@ -280,6 +280,8 @@ def test(
     image: Path = typer.Argument(..., help="A SIF, Charliecloud image (dir, tar, squashfs) or Shifter pair (dir, .squashfs or .meta)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Site profile: the image's architecture must match it."),
     run: List[str] = typer.Option([], "--run", "--test", help="A shell command that must exit 0 in the image; repeatable."),
+    run_image: List[str] = typer.Option([], "--run-image", help="ARGS for the image's ENTRYPOINT (replacing CMD; '' = CMD), run as "
+                                        "each runtime runs an image; must exit 0; repeatable."),
     tests_from: Optional[Path] = TestsFromOpt,
     arch: Optional[str] = typer.Option(None, "--arch", help="The image's architecture (amd64, arm64) when the file does not say (SIF does)."),
     bind: List[str] = typer.Option([], "-b", "--bind", help="HOST[:CONTAINER] to bind for the run stage (e.g. the site's MPI "
@@ -300,7 +302,10 @@ def test(
         if not Path(src).exists():
             raise UsageError(f"--bind {b!r}: {src} does not exist on this host")
         binds.append((src, dst or src))
-    rep = test_image(image, user_tests(run, tests_from), prof, arch or (prof.oci_arch if prof else None), binds=binds)
+    from .harness.run import UserTest
+
+    tests = user_tests(run, tests_from) + [UserTest(a, entrypoint=True) for a in run_image]
+    rep = test_image(image, tests, prof, arch or (prof.oci_arch if prof else None), binds=binds)
     finish([rep], "test", report, junit, strict)
 
 

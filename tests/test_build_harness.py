@@ -247,13 +247,16 @@ def test_hpcconv_test_runs_every_output_kind(outputs, kind, tmp_path):
     need("ch-run")
     env = {**os.environ, "USER": "root"}
     r = hpc("test", outputs[kind], "--profile", "generic-x86-64", "--run", "echo inside; test -x /bin/sh",
-            "--report", tmp_path / "r.json", "--junit", tmp_path / "j.xml", env=env)
+            "--run-image", "/bin/echo via-entrypoint", "--report", tmp_path / "r.json", "--junit", tmp_path / "j.xml",
+            env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = valid_report(tmp_path / "r.json")
     st = {c["name"]: c for c in doc["runs"][0]["checks"]}
     assert st["smoke run (ch-run)"]["status"] == "pass"
     assert st["test[ch-run]: echo inside; test -x /bin/sh"]["status"] == "pass"
     assert "inside" in st["test[ch-run]: echo inside; test -x /bin/sh"]["detail"]
+    assert st["test[ch-run]: run image /bin/echo via-entrypoint"]["status"] == "pass"
+    assert "via-entrypoint" in st["test[ch-run]: run image /bin/echo via-entrypoint"]["detail"]
     assert any(n.startswith("valid:") and c["status"] == "pass" for n, c in st.items())
     valid_junit(tmp_path / "j.xml")
     # a failing command fails the run stage and the exit status

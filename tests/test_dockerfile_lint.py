@@ -275,3 +275,24 @@ def test_recipe_translate_command(tmp_path):
     assert "From: debian:12-slim" in text and "python3-numpy" in text and "%runscript" in text
     assert "analyze.py /opt/analyze/bin/analyze" in text
     assert hpc("recipe", "translate", str(ROOT / "recipes/python-numpy/Dockerfile"), "--to", "docker").returncode == 2
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
+def test_recipe_dockerfiles_translate_to_valid_definition_files(recipe, tmp_path):
+    from hpcconv import recipes
+
+    r = recipes.load(recipe)
+    t = translate.translate(dockerfile.load(r.dockerfile), r.build_args)
+    s = sections(t.text)
+    assert "%post" in s and "Bootstrap: docker" in t.text
+    assert not [w for w in t.warnings if "not translated" in w or "left out" in w], t.warnings
+    # every %post (one per stage) is valid shell
+    for block in t.text.split("%post")[1:]:
+        body = block.split("\n%")[0].split("\nBootstrap:")[0]
+        f = tmp_path / "post.sh"
+        f.write_text(body)
+        n = subprocess.run(["sh", "-n", str(f)], capture_output=True, text=True)
+        assert n.returncode == 0, (n.stderr, body)
+    # %files sources exist in the build context
+    for line in s.get("%files", []):
+        assert (r.context / line.split()[0]).exists(), line

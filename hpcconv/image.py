@@ -285,8 +285,8 @@ class Manifest:
         layers = obj.get("layers")
         if not isinstance(layers, list):
             raise CorruptInput("image manifest has no layers list")
-        if not layers:
-            raise CorruptInput("image manifest lists no layers")
+        # an empty list is an empty root file system: Docker loads and runs such images (FROM
+        # scratch with only metadata); flatten reports it
         return cls(raw, obj.get("mediaType") or content_type or OCI_MANIFEST,
                    Descriptor.from_json(obj.get("config"), "config descriptor"),
                    [Descriptor.from_json(l, f"layer {i + 1}") for i, l in enumerate(layers)],

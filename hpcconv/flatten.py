@@ -54,6 +54,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -85,6 +86,22 @@ def _row(ti: Member) -> list:
     pax = {k: v for k, v in ti.pax_headers.items() if k.startswith(_XATTR_KEYS)}
     return [ti.name, ti.type.decode("latin-1"), ti.mode, ti.uid, ti.gid, ti.mtime, ti.size, ti.linkname,
             ti.devmajor, ti.devminor, pax]
+
+
+def _read_trusted(path: Path) -> str:
+    """A cache file's text, only if this user wrote it: in a store shared by many users anyone may
+    write index-cache/, and a cached index is trusted for names, modes and links (the blob is
+    verified, its cached headers are not). Others' files, group/other-writable ones and symlinks
+    are ignored (ValueError), and the layer is indexed from the blob instead."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise ValueError("index cache file not owned by this user")
+        with os.fdopen(os.dup(fd), "r") as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def _member(r: list) -> Member:
@@ -463,6 +480,9 @@ class Flattener:
             detail += (f" ({len(self._from_cache)} indexed from the cache: verified when cached, and again "
                        f"when re-read for content)")
         self.checks.add(STAGE, "layer digests", PASS, detail, time.monotonic() - t0)
+        if not layers:
+            self.checks.add(STAGE, "layers", WARN, "the image has no layers: its root file system is empty "
+                                                   "(Docker accepts such images too)")
 
     def _index_layer(self, i: int, diff_id: str | None, task) -> None:
         what = self._what(i)
@@ -549,14 +569,21 @@ class Flattener:
             return
         doc = {"digest": self.image.layers[i].digest, "diff_id": diff_id or "", "expanded": expanded,
                "members": rows}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(doc, separators=(",", ":")))
+            # a fresh O_EXCL name (a predictable one in a shared directory could be a planted
+            # symlink), mode 0644 whatever the umask (readers trust only owner-only-writable files)
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            tmp = Path(name)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(doc, separators=(",", ":")))
+                os.fchmod(f.fileno(), 0o644)
             os.replace(tmp, path)
         except (OSError, ValueError):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def _index_from_cache(self, i: int, diff_id: str | None, what: str) -> bool:
         """Apply layer i from its cached header index; False when there is none (or it does not fit)."""
@@ -564,7 +591,7 @@ class Flattener:
         if path is None:
             return False
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(_read_trusted(path))
             if doc.get("digest") != self.image.layers[i].digest or (diff_id and doc.get("diff_id") != diff_id):
                 return False
             rows, expanded = doc["members"], int(doc["expanded"])

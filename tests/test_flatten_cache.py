@@ -68,3 +68,32 @@ def test_cache_can_be_turned_off(tmp_path, monkeypatch):
     img = image_from_built(build_image(_layers()))
     _flatten(img, tmp_path)
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_cache_written_by_someone_else_is_not_trusted(tmp_path):
+    """In a store shared by many users anyone may write index-cache/: a cached index decides names,
+    modes and links, so only the user's own, not group/other-writable, files are used. A poisoned
+    entry (setuid bit, extra name) from another owner is ignored and the blob indexed instead."""
+    import os
+
+    img = image_from_built(build_image(_layers()))
+    first, _ = _flatten(img, tmp_path)
+    files = sorted(tmp_path.rglob("*.json"))
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files)
+    doc = json.loads(files[0].read_text())
+    for row in doc["members"]:
+        if row[1] == "0":
+            row[2] = 0o4777                     # poison: setuid, world-writable
+    files[0].write_text(json.dumps(doc))
+    os.chown(files[0], 4242, 4242)              # as if another user wrote it (tests run as root)
+    again, f = _flatten(img, tmp_path)
+    assert again == first and f.stats["layers_cached"] == 1
+    os.chown(files[0], os.getuid(), os.getgid())
+    os.chmod(files[0], 0o664)                   # group-writable: not trusted either
+    again, f = _flatten(img, tmp_path)
+    assert again == first and f.stats["layers_cached"] == 1
+    tmp_sym = files[0].with_name("link.json")
+    files[0].rename(tmp_sym)
+    files[0].symlink_to(tmp_sym)                # a symlink is not followed
+    again, f = _flatten(img, tmp_path)
+    assert again == first and f.stats["layers_cached"] == 1

@@ -1,5 +1,6 @@
 """Store maintenance: `verify` (re-hash every blob, check every reference) and `gc` (remove what
-nothing references, reclaim what dead processes left behind).
+nothing references, reclaim what dead processes left behind, drop flatten's index-cache entries of
+blobs that are gone).
 
 gc protocol (see store.py): gc holds `locks/gc.lock` exclusively while it decides and deletes. Live
 processes record every digest they look at in their lease file under a shared lock on it, so gc
@@ -239,13 +240,15 @@ class GcReport:
     stale_leases: int = 0
     partials_removed: int = 0
     temps_removed: int = 0
+    index_cache_removed: int = 0
     dry_run: bool = False
 
     def to_json(self) -> dict:
         return {"removed": self.removed, "freed_bytes": self.freed, "kept_young": self.kept_young,
                 "kept_leased": self.kept_leased, "live_leases": self.live_leases,
                 "stale_leases_removed": self.stale_leases, "partials_removed": self.partials_removed,
-                "temporaries_removed": self.temps_removed, "dry_run": self.dry_run}
+                "temporaries_removed": self.temps_removed, "index_cache_removed": self.index_cache_removed,
+                "dry_run": self.dry_run}
 
 
 def gc(store: Store, grace: float = DEFAULT_GRACE, partial_grace: float = DEFAULT_PARTIAL_GRACE,
@@ -275,7 +278,36 @@ def gc(store: Store, grace: float = DEFAULT_GRACE, partial_grace: float = DEFAUL
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
         rep.partials_removed, rep.temps_removed = _reclaim_tmp(store, now, grace, partial_grace, dry_run)
+        rep.index_cache_removed = _prune_index_cache(store, set(rep.removed) if dry_run else set(), now, grace,
+                                                     dry_run)
     return rep
+
+
+def _prune_index_cache(store: Store, gone: set[str], now: float, grace: float, dry_run: bool) -> int:
+    """flatten's per-layer header indexes (index-cache/<algo>/<hex>.vN.json) of blobs no longer in
+    the store, and write temporaries older than grace."""
+    n = 0
+    base = store.root / "index-cache"
+    if not base.is_dir():
+        return 0
+    for algo_dir in base.iterdir():
+        if not algo_dir.is_dir():
+            continue
+        for p in algo_dir.iterdir():
+            hexd = p.name.split(".", 1)[0]
+            try:
+                if p.name.startswith("."):
+                    stale = now - p.lstat().st_mtime >= grace
+                else:
+                    digest = f"{algo_dir.name}:{hexd}"
+                    stale = digest in gone or not (store.root / "blobs" / algo_dir.name / hexd).is_file()
+                if stale:
+                    n += 1
+                    if not dry_run:
+                        p.unlink()
+            except FileNotFoundError:
+                continue
+    return n
 
 
 def _reclaim_tmp(store: Store, now: float, grace: float, partial_grace: float, dry_run: bool) -> tuple[int, int]:

@@ -150,6 +150,7 @@ def test_gc_while_another_process_pulls(shared, henv, store_dir, test_certs, tmp
     finally:
         proxy.stop()
     assert sha256(junk) in rep["removed"] and not junk_path.exists()
+    assert rep["index_cache_removed"] == 0
     assert c_layers[2] not in rep["removed"] and rep["kept_leased"] >= 1 and rep["live_leases"] >= 1
     assert not (set(rep["removed"]) & blob_digests(imgs["b"]))
     r = hpc("store", "verify", env=henv)
@@ -174,6 +175,9 @@ def test_gc_reclaims_leftovers_of_dead_processes(henv, store_dir):
     stale.write_bytes(b"half")
     (tmp / ("sha256-" + "a" * 64 + ".lock")).write_bytes(b"")
     (tmp / ("sha256-" + "b" * 64 + ".lock")).write_bytes(b"")          # a lock without a partial
+    cache = store_dir / "index-cache" / "sha256"
+    cache.mkdir(parents=True)
+    (cache / ("d" * 64 + ".v1.json")).write_text("{}")        # the index of a blob that is gone
     dead_tmp = store_dir / ".tmp-deadbeef"
     dead_tmp.write_bytes(b"{}")
     for p in (stale, dead_tmp):
@@ -190,6 +194,7 @@ def test_gc_reclaims_leftovers_of_dead_processes(henv, store_dir):
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
         assert w.partial.exists()
-    assert rep["partials_removed"] == 1 and rep["temporaries_removed"] == 1
+    assert rep["partials_removed"] == 1 and rep["temporaries_removed"] == 1 and rep["index_cache_removed"] == 1
+    assert not list(cache.iterdir())
     assert not stale.exists() and not dead_tmp.exists()
     assert sorted(p.name for p in tmp.iterdir()) == [w.partial.name]

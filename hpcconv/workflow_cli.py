@@ -36,12 +36,8 @@ BuildArgOpt = typer.Option([], "--build-arg", help="K=V for ARG K; repeatable.")
 
 
 def _cli():
-    """The running cli module: under `python -m hpcconv.cli` that is __main__, not a second import of
-    hpcconv.cli (whose G would never see --quiet/--json)."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name == "hpcconv.cli":
-        return main
+    """The cli module, whose G holds the global options (`python -m hpcconv.cli` hands over to the
+    imported hpcconv.cli too, so there is one copy of that state)."""
     from . import cli
 
     return cli

@@ -90,18 +90,31 @@ class X86Scanner:
         self._tail_off = 0
         self._next: int | None = None
 
+    def _open_kinds(self):
+        """The patterns still worth scanning for: one EVEX cluster decides level 4 and one VEX
+        cluster level 3 (`probable_level`), so once found, more bytes cannot change the verdict
+        for that kind and its scan stops (the hit counts then stop too)."""
+        if self._evex.count:
+            return ()
+        if self._vex.count:
+            return ((EVEX_RE, self._evex),)
+        return ((EVEX_RE, self._evex), (VEX_RE, self._vex))
+
     def feed(self, offset: int, data: bytes) -> None:
+        self.scan.bytes_scanned += len(data)
+        kinds = self._open_kinds()
+        if not kinds:
+            return
         if self._next != offset:          # a new segment: no carry-over between segments
             self._tail = b""
         buf = self._tail + data
         base = offset - len(self._tail)
         limit = len(buf) - _OVERLAP        # matches starting here are complete; the rest carries over
-        for rx, cl in ((EVEX_RE, self._evex), (VEX_RE, self._vex)):
+        for rx, cl in kinds:
             for start in _starts(rx, buf):
                 if start >= limit:         # may be cut short by the chunk end: decided with the next piece
                     break
                 cl.add(base + start)
-        self.scan.bytes_scanned += len(data)
         cut = max(limit, 0)
         self._tail = buf[cut:]
         self._tail_off = base + cut
@@ -109,7 +122,7 @@ class X86Scanner:
 
     def close(self) -> None:
         buf, base = self._tail, self._tail_off
-        for rx, cl in ((EVEX_RE, self._evex), (VEX_RE, self._vex)):
+        for rx, cl in self._open_kinds():
             for start in _starts(rx, buf):
                 cl.add(base + start)
         self.scan.evex, self.scan.evex_clusters = self._evex.hits, self._evex.count

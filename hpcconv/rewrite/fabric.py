@@ -48,6 +48,8 @@ class FabricPass(Pass):
         if entry.type == DIR:
             return None
         p = entry.path
+        if ".so" not in p and not p.endswith(".driver"):
+            return None                      # every pattern below needs one of the two (a fast path)
         for kind, rx in _PATTERNS.items():
             if rx.search(p):
                 self.have.setdefault(kind, p)

@@ -55,6 +55,8 @@ class GlibcPass(Pass):
 
     def observe(self, entry: Entry, head) -> Scanner | None:
         p = entry.path
+        if ".so" not in p:
+            return None                      # every name pattern here needs it (a fast path)
         m = _LIBC_NAME.search(p)
         if m:
             self.from_names.add(m.group(2))

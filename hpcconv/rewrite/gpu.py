@@ -92,6 +92,8 @@ class GpuPass(Pass):
                 m = re.search(rb"CUDA Version (\d+\.\d+(?:\.\d+)?)", head)
                 if m:
                     self.declared.append((_cuda_tuple(m.group(1).decode()), f"/{p}"))
+        if ".so." not in p and "opt/rocm-" not in p:
+            return None                      # every pattern below needs one of the two (a fast path)
         m = _CUDART.search(p)
         if m:
             self.cudart.append(((int(m.group(2)), int(m.group(3)), int(m.group(4) or 0)), p))

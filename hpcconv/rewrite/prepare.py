@@ -303,11 +303,11 @@ class PreparePass(Pass):
                 dirs = [ln.strip().rstrip("/") for ln in head.decode("utf-8", "replace").splitlines()
                         if ln.strip().startswith("/")]
             self.conf_d[p.rsplit("/", 1)[1]] = dirs
-        if entry.type != DIR and _MPI_LIB.search(p):
+        if entry.type != DIR and ".so" in p and _MPI_LIB.search(p):
             self.mpi_dirs.add("/" + p.rsplit("/", 1)[0])
         elif p == "etc/ld.so.cache":
             self.has_cache = True
-        if entry.type in (FILE, HARDLINK, SYMLINK) and _LIBC6.search(p):
+        if entry.type in (FILE, HARDLINK, SYMLINK) and ".so" in p and _LIBC6.search(p):
             self.has_glibc = True
         return None
 

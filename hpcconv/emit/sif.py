@@ -337,7 +337,7 @@ def epoch() -> int | None:
     return int(v)
 
 
-SIF_MKSQUASHFS_MEM = os.environ.get("HPCCONV_MKSQUASHFS_MEM", "256M")
+SIF_MKSQUASHFS_MEM = os.environ.get("HPCCONV_MKSQUASHFS_MEM", "160M")
 
 
 def mksquashfs_command(out: Path, offset: int, compression: str, level: int | None, block_size: int) -> list[str]:
@@ -351,7 +351,7 @@ def mksquashfs_command(out: Path, offset: int, compression: str, level: int | No
     cmd = [exe, "-", str(out), "-tar", "-o", str(offset), "-noappend", "-no-progress", "-quiet",
            "-comp", compression, "-b", str(block_size), "-processors", jobs, "-root-mode", "0755",
            # mksquashfs sizes its caches to a quarter of RAM (6 GB here, 1.2 GB resident on a 1.2 GB
-           # rootfs); 256M keeps it near 200 MB at the same speed (benchmarks/README.md)
+           # rootfs); 160M keeps it near 155 MB at the same speed (benchmarks/README.md)
            "-mem", SIF_MKSQUASHFS_MEM]
     if level is None:
         level = getattr(sinks, "SQFS_LEVELS", {}).get(compression)   # the measured defaults the other sinks use

@@ -254,6 +254,12 @@ def _members(stream, what: str) -> Iterator[tuple[TarReader, Member]]:
         raise CorruptInput(f"{what}: bad tar data{after}: {e.message}") from None
 
 
+# the buffer over the prefetch thread's chunks serves the tar headers' small reads; content reads
+# larger than it go straight to the prefetch buffer, so a small one costs nothing and holds no
+# third copy of a 1 MiB chunk
+_HEADER_BUF = 64 << 10
+
+
 class _Prefetch(io.RawIOBase):
     """Read `inner` in a background thread, a few chunks ahead (bounded memory).
 
@@ -502,7 +508,7 @@ class Flattener:
             # The thread reads to the very end (compressed remainder included), so the blob digest
             # and the diff_id cover every byte even though the tar ends earlier.
             pf = _Prefetch(_ToEnd(cnt, raw))
-            stream = io.BufferedReader(pf, CHUNK)
+            stream = io.BufferedReader(pf, _HEADER_BUF)
             st = _LayerState(i, what)
             ordinal = -1
             ti = None
@@ -817,7 +823,7 @@ class Flattener:
             left = len(want)
             dec = open_decompressed(raw, what)
             pf = _Prefetch(_ToEnd(dec, raw) if verify else dec)
-            buffered = io.BufferedReader(pf, CHUNK)
+            buffered = io.BufferedReader(pf, _HEADER_BUF)
             members = _members(buffered, what)
             while left:
                 tf, ti = next(members, (None, None))

@@ -93,15 +93,11 @@ def _read_trusted(path: Path) -> str:
     write index-cache/, and a cached index is trusted for names, modes and links (the blob is
     verified, its cached headers are not). Others' files, group/other-writable ones and symlinks
     are ignored (ValueError), and the layer is indexed from the blob instead."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "r") as f:
+        st = os.fstat(f.fileno())
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
             raise ValueError("index cache file not owned by this user")
-        with os.fdopen(os.dup(fd), "r") as f:
-            return f.read()
-    finally:
-        os.close(fd)
+        return f.read()
 
 
 def _member(r: list) -> Member:

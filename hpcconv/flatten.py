@@ -1,17 +1,33 @@
 """Flatten an image's layers into one stream of rootfs entries, as the Docker engine would.
 
-Two passes, no rootfs on disk, memory bounded by metadata:
+No rootfs on disk, memory bounded by metadata. Two ways, with the same result (tests compare them
+on every case, and each with `docker export`):
 
-1. *Index pass*: every layer is decompressed once and only its tar headers are read (with
-   `tarread`, a forward-only header parser about 2x faster than `tarfile` here). OCI changeset
-   semantics are applied in layer order to an in-memory tree (metadata only): whiteouts, opaque
-   directories, type changes, implied parents, symlinked parents, hardlinks as shared inodes. Each
-   regular file's inode remembers where its content lives (layer, member ordinal). Layer digests
-   and `rootfs.diff_ids` are verified here.
-2. *Emit pass*: directories and every entry without content are yielded first (parents first),
-   then the layers that hold needed content are streamed again in order and each surviving file is
-   yielded when its member is reached, followed by the hardlinks to it. A layer is read only up
-   to its last needed member; layers with no surviving content are not read again.
+* *Single pass* (`single_pass=True`, what `convert`, `export` and `check` use): every layer is read
+  once, the top layer first (go-containerregistry's mutate.Extract order). An entry is yielded when
+  no higher layer replaced, deleted (whiteout) or hid (opaque directory) it, with its content
+  streamed straight from the layer; the blob digest, the expansion cap and the diff_id are checked
+  as each layer is read (the output is written under a temporary name, so nothing is kept when a
+  check fails at the end of a layer). A parent directory that its layer omits takes its attributes
+  from the first lower layer that has it (0755 root when none does), so it may come after the
+  entries below it. A hardlink whose first name a higher layer replaced gets the old content, read
+  again from its layer at the end. What the top-down view cannot decide raises TwoPassNeeded and the
+  caller (`pipeline.flatten_into`) starts over with two passes: a parent that a lower layer makes a
+  symlink or a file (the symlink is followed, the file replaced, bottom-up), a hardlink into another
+  layer or to a missing target, a hardlink header that changes its target's attributes after the
+  target was yielded, HPCCONV_ALLOW_DUPLICATES. Docker-built layers have none of these.
+* *Two passes* (the default of the class, used for `export -o -` and after TwoPassNeeded):
+
+  1. *Index pass*: every layer is decompressed once and only its tar headers are read (with
+     `tarread`, a forward-only header parser about 2x faster than `tarfile` here). OCI changeset
+     semantics are applied in layer order to an in-memory tree (metadata only): whiteouts, opaque
+     directories, type changes, implied parents, symlinked parents, hardlinks as shared inodes.
+     Each regular file's inode remembers where its content lives (layer, member ordinal). Layer
+     digests and `rootfs.diff_ids` are verified here.
+  2. *Emit pass*: directories and every entry without content are yielded first (parents first),
+     then the layers that hold needed content are streamed again in order and each surviving file
+     is yielded when its member is reached, followed by the hardlinks to it. A layer is read only
+     up to its last needed member; layers with no surviving content are not read again.
 
 Semantics (image-spec `layer.md`, moby `pkg/archive`, checked against Docker 20.10 / overlay2 by
 tests/test_flatten_docker.py):
@@ -264,11 +280,11 @@ class _Prefetch(io.RawIOBase):
 
     _END = object()
 
-    def __init__(self, inner, depth: int = 2):
+    def __init__(self, inner, depth: int = 2, what: str = "layer"):
         import queue
         import threading
 
-        self._inner = inner
+        self._inner, self._what = inner, what
         self._q: "queue.Queue" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._buf = memoryview(b"")
@@ -307,6 +323,9 @@ class _Prefetch(io.RawIOBase):
                 return 0
             if isinstance(item, BaseException):
                 self._done = True
+                if isinstance(item, (OSError, EOFError, ValueError)) and not isinstance(item, HpcconvError):
+                    # raised where the content is read, maybe by a sink: say which layer is bad
+                    raise CorruptInput(f"{self._what}: cannot read layer: {item}") from None
                 raise item
             self._buf = memoryview(item)
         n = min(len(b), len(self._buf))
@@ -367,10 +386,37 @@ class _Progress(io.RawIOBase):
         return len(data)
 
 
+class _Named(io.RawIOBase):
+    """A member's content read by the consumer (the single pass): a truncated or corrupt layer
+    found there says which layer and entry."""
+
+    def __init__(self, inner, what: str):
+        self._inner, self._what = inner, what
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._inner.read(n)
+        except CorruptInput as e:
+            if e.message.startswith("layer "):
+                raise
+            raise CorruptInput(f"{self._what}: {e.message}", hint=e.hint) from None
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
 class Flattener:
     def __init__(self, image: Image, reporter=NULL, max_expanded: int | None = None,
-                 index_cache: "str | os.PathLike | None" = None):
+                 index_cache: "str | os.PathLike | None" = None, single_pass: bool = False):
         self.image = image
+        # one top-down pass over the layers (TwoPassNeeded for what it cannot decide), or the index
+        # pass and the emit pass
+        self.single_pass = single_pass
         # where each layer's header index is kept, keyed by blob digest (the store's index-cache/):
         # a later flatten of a layer already indexed skips the index pass over it
         cache = index_cache if index_cache is not None else getattr(image, "index_cache", None)
@@ -404,6 +450,13 @@ class Flattener:
         if verify and not isinstance(raw, VerifyingReader):
             raw = VerifyingReader(raw, layer.digest, layer.descriptor.size, what=f"layer {layer.digest}")
         return raw
+
+    def _diff_ids(self) -> list[str]:
+        layers = self.image.layers
+        diff_ids = self.image.config.diff_ids if self.image.config else []
+        if diff_ids and len(diff_ids) != len(layers):
+            raise CorruptInput(f"image config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
+        return diff_ids
 
     # -- path resolution -------------------------------------------------------------------------
     def _walk(self, parts: list[str], create: bool, cur: "_LayerState | None") -> tuple[Ino, list[str]] | None:
@@ -468,9 +521,7 @@ class Flattener:
             return
         t0 = time.monotonic()
         layers = self.image.layers
-        diff_ids = self.image.config.diff_ids if self.image.config else []
-        if diff_ids and len(diff_ids) != len(layers):
-            raise CorruptInput(f"image config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
+        diff_ids = self._diff_ids()
         task = self.reporter.task("flatten: index layers", total=sum(l.descriptor.size for l in layers) or None)
         for i in range(len(layers)):
             self._index_layer(i, diff_ids[i] if diff_ids else None, task)
@@ -492,8 +543,24 @@ class Flattener:
             task.advance(self.image.layers[i].descriptor.size)
             return
         rows: list | None = [] if self.index_cache is not None else None
+        st = _LayerState(i, what)
+        for _tr, ti, ordinal in self._layer_members(i, diff_id, task, rows):
+            try:
+                self._apply(st, ti, ordinal)
+            except HpcconvError as e:
+                raise type(e)(f"{what} entry {ti.name!r}: {e.message}", hint=e.hint) from None
+        if rows is not None:
+            self._save_index(i, diff_id, self._expanded_last, rows)
+
+    def _layer_members(self, i: int, diff_id: str | None, task, rows: list | None = None
+                       ) -> Iterator[tuple[TarReader, Member, int]]:
+        """(reader, member, ordinal) for each member of layer i, which is read to its very end: the
+        blob digest, the expansion cap and (after the last member) the diff_id are checked here.
+        Errors name the layer, and the entry where one is known."""
+        what = self._what(i)
         raw = self._open(i)
         cnt = pf = None
+        ti = None
         try:
             dec = open_decompressed(_Progress(raw, task), what)
             cap = self.max_expanded
@@ -503,11 +570,9 @@ class Flattener:
                             None if cap is None else cap + _BOMB_SLACK, self.stats["expanded_bytes"], what)
             # The thread reads to the very end (compressed remainder included), so the blob digest
             # and the diff_id cover every byte even though the tar ends earlier.
-            pf = _Prefetch(_ToEnd(cnt, raw))
+            pf = _Prefetch(_ToEnd(cnt, raw), what=what)
             stream = io.BufferedReader(pf, _HEADER_BUF)
-            st = _LayerState(i, what)
             ordinal = -1
-            ti = None
             for tr, ti in _members(stream, what):
                 ordinal += 1
                 if cap is not None and self.stats["expanded_bytes"] + tr.offset + ti.size > cap:
@@ -517,12 +582,7 @@ class Flattener:
                     cnt.count_extra(ti.size - ti.stored)       # holes expand on output too
                 if rows is not None:
                     rows.append(_row(ti))
-                try:
-                    self._apply(st, ti, ordinal)
-                except _TooBig:
-                    raise
-                except HpcconvError as e:
-                    raise type(e)(f"{what} entry {ti.name!r}: {e.message}", hint=e.hint) from None
+                yield tr, ti, ordinal
             self.stats["members"] += ordinal + 1
             while stream.read(CHUNK):
                 pass
@@ -546,13 +606,12 @@ class Flattener:
                     pass
         if not raw.verified:
             raise CorruptInput(f"{what}: blob was not fully verified")
-        self.stats["expanded_bytes"] += cnt.n + cnt.extra
+        self._expanded_last = cnt.n + cnt.extra
+        self.stats["expanded_bytes"] += self._expanded_last
         if diff_id:
             got = f"{diff_id.split(':', 1)[0]}:{cnt.h.hexdigest()}"
             if got != diff_id:
                 raise CorruptInput(f"{what}: uncompressed content {got} does not match diff_id {diff_id}")
-        if rows is not None:
-            self._save_index(i, diff_id, cnt.n + cnt.extra, rows)
 
     # -- index cache -----------------------------------------------------------------------------
     def _cache_file(self, i: int) -> Path | None:
@@ -746,6 +805,9 @@ class Flattener:
 
     # -- emit pass -------------------------------------------------------------------------------
     def entries(self) -> Iterator[Entry]:
+        if self.single_pass:
+            yield from self._single_pass()
+            return
         self.index()
         t0 = time.monotonic()
         by_type: dict[str, int] = {}
@@ -852,6 +914,213 @@ class Flattener:
                 except Exception:
                     pass
 
+    # -- single pass, top layer first ------------------------------------------------------------------
+    def _single_pass(self) -> Iterator[Entry]:
+        """Each layer read once, the top layer first; an entry is yielded when no higher layer
+        replaced, deleted or hid it, so the decompression, hashing and header parsing of the index
+        pass are not done twice. Same semantics as the two passes (tests run both): where the
+        top-down view cannot know what applying the layers bottom-up gives (a parent that a lower
+        layer makes a symlink or a file, a hardlink whose target is in another layer or was
+        replaced, a hardlink that changes its target's attributes, HPCCONV_ALLOW_DUPLICATES),
+        TwoPassNeeded is raised and the caller flattens again with two passes. Entries come in
+        layer order, top first; a parent directory that only a lower layer (or no layer) gives
+        comes after the entries below it (every sink accepts that: tar2sqfs, mksquashfs -tar, tar,
+        the directory writer)."""
+        t0 = time.monotonic()
+        layers = self.image.layers
+        diff_ids = self._diff_ids()
+        if os.environ.get("HPCCONV_ALLOW_DUPLICATES") == "1":
+            raise TwoPassNeeded("HPCCONV_ALLOW_DUPLICATES is set")
+        td = _TopDown()
+        by_type: dict[str, int] = {}
+        task = self.reporter.task("flatten: read layers", total=sum(l.descriptor.size for l in layers) or None)
+        try:
+            for i in reversed(range(len(layers))):
+                what = self._what(i)
+                st = _LayerState(i, what)
+                for tr, ti, ordinal in self._layer_members(i, diff_ids[i] if diff_ids else None, task):
+                    try:
+                        e = self._td_member(td, st, tr, ti, ordinal)
+                    except HpcconvError as err:
+                        raise type(err)(f"{what} entry {ti.name!r}: {err.message}", hint=err.hint) from None
+                    if e is not None:
+                        by_type[e.type] = by_type.get(e.type, 0) + 1
+                        yield e
+                td.next_layer(st)
+            for e in self._td_relinked(td):
+                by_type[e.type] = by_type.get(e.type, 0) + 1
+                yield e
+            for p in sorted(td.implied):
+                if p not in td.seen:            # a parent no layer gave attributes to
+                    by_type[DIR] = by_type.get(DIR, 0) + 1
+                    yield self._entry(p, _implied_dir())
+        finally:
+            task.done()
+        detail = f"{len(layers)} layer(s), each read once (top layer first): blob digests verified"
+        detail += ", diff_ids verified" if diff_ids else ", no diff_ids in the config"
+        self.checks.add(STAGE, "layer digests", PASS, detail)
+        if not layers:
+            self.checks.add(STAGE, "layers", WARN, "the image has no layers: its root file system is empty "
+                                                   "(Docker accepts such images too)")
+        self.stats["by_type"] = by_type
+        self.stats["entries"] = sum(by_type.values())
+        self._final_checks(0, time.monotonic() - t0)
+
+    def _td_relinked(self, td: _TopDown) -> Iterator[Entry]:
+        """Inodes that live on only under hardlink names (their first name was replaced above): the
+        first name gets the content, read again from its layer up to the last such member."""
+        by_layer: dict[int, dict[int, Ino]] = {}
+        paths: dict[int, list[str]] = {}
+        for i, ino, names in td.relinked.values():
+            names.sort()
+            if ino.src is None:
+                yield self._entry(names[0], ino)
+                for p in names[1:]:
+                    yield self._entry(p, ino, link=names[0])
+            else:
+                by_layer.setdefault(i, {})[ino.src[1]] = ino
+                paths[id(ino)] = names
+        for i in sorted(by_layer, reverse=True):
+            yield from self._stream_layer(i, by_layer[i], paths)
+
+    def _td_parents(self, td: _TopDown, st: "_LayerState", dparts: list[str], dkey: str) -> None:
+        """The directories an entry (or whiteout) of this layer is written into: each one this layer
+        has not given yet takes its type from the layers below, which are read later (`pending`)."""
+        if dkey in st.parents_ok:
+            return
+        p = ""
+        for c in dparts:
+            p = f"{p}/{c}" if p else c
+            if p in st.nondirs:
+                raise TwoPassNeeded(f"{st.what}: {p!r} is not a directory but a later entry of the same "
+                                    f"layer is written into it")
+            if p not in st.dirs:
+                td.pending[p] = st.index
+                td.implied.add(p)
+        st.parents_ok.add(dkey)
+
+    def _td_member(self, td: _TopDown, st: "_LayerState", tr: TarReader, ti: Member,
+                   ordinal: int) -> Entry | None:
+        kind = entry_type_of(ti)
+        parts = clean_name(ti.name)
+        if not parts:
+            return None                              # the root itself: Docker ignores its attributes
+        leaf = parts[-1]
+        dparts = parts[:-1]
+        dkey = "/".join(dparts)
+        if parts[0] == WH_PLNK or leaf.startswith(WH_META):
+            if leaf == WH_OPAQUE:
+                if dkey not in st.opaque_done:
+                    st.opaque_done.add(dkey)
+                    self.stats["opaque"] += 1
+                    hidden = (td.parent_hidden(dparts[:-1], "/".join(dparts[:-1])) or dkey in td.gone
+                              if dparts else False)
+                    if not hidden:
+                        self._td_parents(td, st, dparts, dkey)
+                        st.new_opq.add(dkey)
+            else:
+                st.aufs += 1
+            return None
+        if leaf.startswith(WH):
+            if leaf == WH:
+                self._warn(f"{st.what}: bare whiteout {ti.name!r} ignored")
+                return None
+            self.stats["whiteouts"] += 1
+            if td.parent_hidden(dparts, dkey):
+                return None                          # nothing below it is visible anyway
+            self._td_parents(td, st, dparts, dkey)
+            name = leaf[len(WH):]
+            key = f"{dkey}/{name}" if dkey else name
+            if key in st.unpacked or key in st.ancestors:
+                self._warn(f"{st.what}: whiteout of {key!r} which the same layer creates; whiteouts apply to "
+                           f"lower layers only, kept it")
+            else:
+                st.new_gone.add(key)
+            return None
+        if kind is None:
+            self._warn(f"{st.what}: entry {ti.name!r} of unsupported tar type {ti.type!r} skipped")
+            return None
+        key = f"{dkey}/{leaf}" if dkey else leaf
+        if key in st.unpacked:
+            raise CorruptInput(f"{key!r} appears twice in the layer (Docker refuses such layers)",
+                               hint="HPCCONV_ALLOW_DUPLICATES=1 lets the later entry win")
+        hidden = td.parent_hidden(dparts, dkey) or key in td.gone
+        if not hidden:
+            if dparts:
+                self._td_parents(td, st, dparts, dkey)
+            if kind != DIR and key in st.ancestors:
+                raise TwoPassNeeded(f"{st.what}: {key!r} replaces a directory the same layer wrote into")
+            pend = td.pending.get(key)
+            if pend is not None and pend > st.index:
+                if kind != DIR:
+                    raise TwoPassNeeded(f"{st.what}: {key!r} is a {kind}, and a higher layer writes into it")
+                del td.pending[key]
+        st.mark(key, dparts)
+        xattrs = _xattrs_of(ti) if ti.pax_headers else {}
+        if kind == DIR:
+            st.dirs.add(key)
+            if hidden or key in td.seen:
+                return None
+            td.seen[key] = DIR
+            return Entry(key, DIR, ti.mode & 0o7777, ti.uid, ti.gid, ti.mtime, 0, "", 0, 0, xattrs)
+        st.nondirs.add(key)
+        st.new_gone.add(key)
+        if kind == HARDLINK:
+            self.stats["hardlinks"] += 1
+            tparts = clean_name(ti.linkname)
+            tkey = "/".join(tparts)
+            target = st.links.get(tkey)
+            if target is not None:
+                canon, tkind, uid, gid, mode, mtime, txattrs = target
+                if (uid, gid) != (ti.uid, ti.gid) or any(txattrs.get(k) != v for k, v in xattrs.items()) \
+                        or (tkind != SYMLINK and (mode, mtime) != (ti.mode & 0o7777, ti.mtime)):
+                    raise TwoPassNeeded(f"{st.what}: hardlink {key!r} changes the attributes of {ti.linkname!r}, "
+                                        f"which is already yielded")
+                st.links[key] = target
+                if hidden or key in td.seen:
+                    return None
+                td.seen[key] = HARDLINK
+                return Entry(key, HARDLINK, mode, uid, gid, mtime, 0, canon, xattrs=dict(txattrs))
+            ino = st.shadowed.get(tkey)
+            if ino is not None:
+                # the target's name is replaced or deleted by a higher layer; the inode lives on under
+                # this one: yielded at the end, its content read again from this layer (as moby's
+                # createTarFile, the link's owner, mode and mtime apply to the inode)
+                ino.uid, ino.gid = ti.uid, ti.gid
+                if ino.type != SYMLINK:
+                    ino.mode, ino.mtime = ti.mode & 0o7777, ti.mtime
+                ino.xattrs.update(xattrs)
+                st.shadowed[key] = ino
+                if not (hidden or key in td.seen):
+                    td.seen[key] = HARDLINK
+                    td.relinked.setdefault(id(ino), (st.index, ino, []))[2].append(key)
+                return None
+            if not tparts or tkey in st.dirs:
+                raise CorruptInput(f"hardlink to the directory {ti.linkname!r}")
+            raise TwoPassNeeded(f"{st.what}: hardlink {key!r} -> {ti.linkname!r}: the target is not an "
+                                f"earlier entry of the same layer")
+        if kind == SYMLINK and "\0" in ti.linkname:
+            raise CorruptInput(f"symlink target {ti.linkname!r} contains a NUL byte")
+        mode = 0o777 if kind == SYMLINK else ti.mode & 0o7777       # what lstat shows on Linux
+        if hidden or key in td.seen:
+            # a later hardlink of this layer may still need it
+            size = ti.size if kind == FILE else 0
+            st.shadowed[key] = Ino(kind, mode, ti.uid, ti.gid, ti.mtime,
+                                   linkname=ti.linkname if kind == SYMLINK else "", major=ti.devmajor,
+                                   minor=ti.devminor, xattrs=dict(xattrs), size=size,
+                                   src=(st.index, ordinal) if size else None)
+            return None
+        td.seen[key] = kind
+        st.links[key] = (key, kind, ti.uid, ti.gid, mode, ti.mtime, xattrs)
+        if kind == FILE:
+            size = ti.size
+            self.stats["content_bytes"] += size
+            reader = _Named(tr.content(ti), f"{st.what} entry {ti.name!r}") if size else io.BytesIO(b"")
+            return Entry(key, FILE, mode, ti.uid, ti.gid, ti.mtime, size, "", ti.devmajor, ti.devminor,
+                         dict(xattrs), reader=reader)
+        return Entry(key, kind, mode, ti.uid, ti.gid, ti.mtime, 0, ti.linkname if kind == SYMLINK else "",
+                     ti.devmajor, ti.devminor, dict(xattrs))
+
     def _final_checks(self, n_wh: int, duration: float) -> None:
         s = self.stats
         self.checks.add(STAGE, "whiteouts", FAIL if n_wh else PASS,
@@ -867,10 +1136,62 @@ class Flattener:
             self.checks.add(STAGE, "repairs", WARN, "; ".join(self.warnings[:5]) + more)
 
 
+class TwoPassNeeded(BaseException):
+    """The single top-down pass met a layer whose effect it cannot decide from above (a parent that a
+    lower layer makes a symlink, a hardlink into another layer, ...): flatten again with two passes.
+    Raised before the entry concerned is yielded, but after others were: the consumer must start
+    over (`pipeline.flatten_into` does). A BaseException, so that no `except Exception` between the
+    flattener and the consumer's caller turns it into an error."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _TopDown:
+    """What the layers above the current one decided, for the single top-down pass."""
+
+    __slots__ = ("seen", "gone", "opq", "pending", "implied", "hcache", "relinked")
+
+    def __init__(self):
+        self.seen: dict[str, str] = {}       # path -> type of the entry a higher layer gave it
+        self.gone: set[str] = set()          # deleted for lower layers: whiteouts, non-directories
+        self.opq: set[str] = set()           # directories whose lower-layer children are hidden
+        self.pending: dict[str, int] = {}    # implied parent -> lowest layer that wrote under it
+        self.implied: set[str] = set()       # every parent some layer wrote under
+        self.hcache: dict[str, bool] = {}    # parent_hidden, for the current layer
+        self.relinked: dict[int, tuple] = {} # id(ino) -> (layer, ino, hardlink names yielded at the end)
+
+    def parent_hidden(self, dparts: list[str], dkey: str) -> bool:
+        """Whether everything below the directory `dkey` is hidden from the current layer: the
+        directory or one of its ancestors was deleted or made opaque above."""
+        v = self.hcache.get(dkey)
+        if v is not None:
+            return v
+        if not self.gone and not self.opq:
+            return False
+        v = "" in self.opq
+        p = ""
+        for c in dparts:
+            p = f"{p}/{c}" if p else c
+            got = self.hcache.get(p)
+            if got is None:
+                got = self.hcache[p] = v or p in self.gone or p in self.opq
+            v = got
+        return v
+
+    def next_layer(self, st: "_LayerState") -> None:
+        if st.new_gone or st.new_opq:
+            self.gone |= st.new_gone
+            self.opq |= st.new_opq
+            self.hcache = {}
+
+
 class _LayerState:
     """Per-layer bookkeeping: paths this layer wrote, their ancestors, implied dirs, opaque dirs."""
 
-    __slots__ = ("index", "what", "unpacked", "ancestors", "implied", "opaque_done", "aufs")
+    __slots__ = ("index", "what", "unpacked", "ancestors", "implied", "opaque_done", "aufs",
+                 "dirs", "nondirs", "links", "shadowed", "parents_ok", "new_gone", "new_opq")
 
     def __init__(self, index: int, what: str):
         self.index, self.what = index, what
@@ -879,6 +1200,14 @@ class _LayerState:
         self.implied: set[str] = set()
         self.opaque_done: set[str] = set()
         self.aufs = 0
+        # the single top-down pass only
+        self.dirs: set[str] = set()              # directories this layer has given so far
+        self.nondirs: set[str] = set()           # everything else it has given
+        self.links: dict[str, tuple] = {}        # yielded non-directories: hardlink targets
+        self.shadowed: dict[str, Ino] = {}       # the others, for hardlinks to them
+        self.parents_ok: set[str] = set()        # parent paths already checked
+        self.new_gone: set[str] = set()          # what this layer deletes for the layers below
+        self.new_opq: set[str] = set()
 
     def mark(self, key: str, names: list[str]) -> None:
         self.unpacked.add(key)

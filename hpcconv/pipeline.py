@@ -68,15 +68,42 @@ class Scan:
         return self.runner.finish(profile)
 
 
+def flatten_into(image: Image, reporter, consume, single_pass: bool = True):
+    """Flatten `image` and hand the Flattener to `consume` (which reads `entries()` and builds its
+    own passes and output), returning (flattener, what consume returned).
+
+    The flatten reads each layer once, top layer first; for the rare image whose layers that order
+    cannot decide (flatten.TwoPassNeeded) consume runs again on the two-pass flatten, so it must
+    leave nothing behind when an exception goes through it (the sinks write under temporary names)
+    and start from scratch on each call. HPCCONV_FLATTEN_PASSES=2 always uses two passes."""
+    from .flatten import Flattener, TwoPassNeeded
+    import os
+
+    why = None
+    if single_pass and os.environ.get("HPCCONV_FLATTEN_PASSES", "1") != "2":
+        flat = Flattener(image, reporter=reporter, single_pass=True)
+        try:
+            return flat, consume(flat)
+        except TwoPassNeeded as e:
+            why = f"{e.reason}; reading the layers again, in two passes"
+            reporter.log("info", f"flatten: {why}")
+    flat = Flattener(image, reporter=reporter)
+    if why:
+        flat.checks.add("flatten", "single pass", "skip", why)
+    return flat, consume(flat)
+
+
 def scan(image: Image, reporter=NULL, extra_passes=()) -> Scan:
     """One flatten pass through every detection pass (no profile needed: judge later)."""
-    from .flatten import Flattener
     from .rewrite import default_passes
     from .rewrite.base import PassRunner
 
-    flat = Flattener(image, reporter=reporter)
-    runner = PassRunner(default_passes(image.config.env) + list(extra_passes))
-    runner.run(flat.entries())
+    def consume(flat):
+        runner = PassRunner(default_passes(image.config.env) + list(extra_passes))
+        runner.run(flat.entries())
+        return runner
+
+    flat, runner = flatten_into(image, reporter, consume)
     return Scan(image, runner, flat.checks)
 
 
@@ -135,7 +162,6 @@ def convert(source: str, opts, target: str, output: Path, fmt: str, compression:
     """source -> flatten -> passes -> emitter. A wrong platform stops before any layer is read."""
     import importlib
 
-    from .flatten import Flattener
     from .rewrite.prepare import choose_compression
 
     checks = Checks()
@@ -157,11 +183,15 @@ def convert(source: str, opts, target: str, output: Path, fmt: str, compression:
                    f"{profile.name} runs {', '.join(profile.site.runtimes)}" + (
                        f"; {target} output fits {ok[0]}" if ok else
                        f"; it does not list {' or '.join(allowed)}: convert with the --target the site runs"))
-    prep = prepare(img, profile, target)
-    flat = Flattener(img, reporter=reporter)
     emitter = importlib.import_module(f".emit.{EMITTERS[target]}", __package__)
-    res = emitter.emit(prep.runner.transform(flat.entries()), prep.image, output, fmt=fmt, compression=comp,
-                       reporter=reporter, force=force)
+
+    def consume(flat):
+        prep = prepare(img, profile, target)
+        res = emitter.emit(prep.runner.transform(flat.entries()), prep.image, output, fmt=fmt,
+                           compression=comp, reporter=reporter, force=force)
+        return prep, res
+
+    flat, (prep, res) = flatten_into(img, reporter, consume)
     checks.extend(flat.checks)
     checks.extend(prep.finish())
     checks.extend(res.checks)
@@ -174,7 +204,6 @@ def export(source: str, opts, output: Path | None, profile=None, raw: bool = Fal
     """The flattened rootfs as a tar; with a profile (and not raw), prepared for it. The environment
     part of a preparation cannot live in a rootfs tar and is reported instead."""
     from .emit.sinks import write_tar
-    from .flatten import Flattener
 
     checks = Checks()
     img, pc = open_for_profile(source, opts, None if raw else profile)
@@ -182,13 +211,19 @@ def export(source: str, opts, output: Path | None, profile=None, raw: bool = Fal
         checks.items.append(pc)
         if pc.status == FAIL:
             return img, 0, checks, []
-    flat = Flattener(img, reporter=reporter)
+    # what went to stdout cannot be taken back: two passes there
+    single = output is not None
     if raw or profile is None:
-        n = write_tar(flat.entries(), output, compression=None, reporter=reporter)
+        flat, n = flatten_into(img, reporter, lambda flat: write_tar(flat.entries(), output, compression=None,
+                                                                        reporter=reporter), single)
         checks.extend(flat.checks)
         return img, n, checks, []
-    prep = prepare(img, profile)
-    n = write_tar(prep.runner.transform(flat.entries()), output, compression=None, reporter=reporter)
+
+    def consume(flat):
+        prep = prepare(img, profile)
+        return prep, write_tar(prep.runner.transform(flat.entries()), output, compression=None, reporter=reporter)
+
+    flat, (prep, n) = flatten_into(img, reporter, consume, single)
     checks.extend(flat.checks)
     checks.extend(prep.finish())
     if prep.prepare.env_notes:

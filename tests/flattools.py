@@ -112,25 +112,52 @@ def tree_of_tar(data: bytes) -> dict[str, Rec]:
     return tree_of_entries(read_tar_entries(io.BytesIO(data)))
 
 
-def flatten_tree(img: Image, **kw) -> tuple[dict[str, Rec], Flattener]:
-    """Flatten, check the entry-stream contract, write with TarWriter and read it back."""
-    f = Flattener(img, **kw)
+def _tree_through_tar(f: Flattener, parents_first: bool) -> dict[str, Rec]:
     seen: set[str] = set()
     buf = io.BytesIO()
     with TarWriter(buf) as w:
         for e in f.entries():
-            check_contract(e, seen)
+            check_contract(e, seen, parents_first)
             w.add(e)
-    return tree_of_tar(buf.getvalue()), f
+    for p in seen:
+        parent = p.rsplit("/", 1)[0] if "/" in p else ""
+        assert not parent or parent in seen, f"{p!r} without its parent"
+    return tree_of_tar(buf.getvalue())
 
 
-def check_contract(e: Entry, seen: set) -> None:
+def flatten_tree(img: Image, **kw) -> tuple[dict[str, Rec], Flattener]:
+    """Flatten with the two passes, check the entry-stream contract, write with TarWriter and read it
+    back; then flatten again in the single top-down pass (two passes again where it raises
+    TwoPassNeeded, as the pipeline does) and require the same tree, warnings and counts. Returns the
+    two-pass tree and flattener; `flattener.single_pass_fallback` is the reason the single pass gave
+    up, or None when it did the job."""
+    from hpcconv.flatten import TwoPassNeeded
+
+    f = Flattener(img, **kw)
+    tree = _tree_through_tar(f, True)
+    f.single_pass_fallback = None
+    one = Flattener(img, single_pass=True, **kw)
+    try:
+        again = _tree_through_tar(one, False)
+    except TwoPassNeeded as e:
+        f.single_pass_fallback = e.reason
+        return tree, f
+    assert again == tree, "the single pass flattened differently: " + "; ".join(compare(again, tree)[:10])
+    assert sorted(one.warnings) == sorted(f.warnings)
+    for k in ("members", "whiteouts", "opaque", "hardlinks", "expanded_bytes", "entries", "by_type", "warnings"):
+        assert one.stats[k] == f.stats[k], (k, one.stats[k], f.stats[k])
+    return tree, f
+
+
+def check_contract(e: Entry, seen: set, parents_first: bool = True) -> None:
+    """No duplicates, hardlinks after their targets; with `parents_first` (the two passes) every
+    entry after its parent (the single pass yields a parent only a lower layer gives later)."""
     p = e.path
     assert p and not p.startswith("/") and not p.endswith("/") and "\0" not in p, p
     assert all(c not in ("", ".", "..") for c in p.split("/")), p
     assert p not in seen, f"duplicate entry {p!r}"
     parent = p.rsplit("/", 1)[0] if "/" in p else ""
-    assert not parent or parent in seen, f"{p!r} before its parent"
+    assert not parents_first or not parent or parent in seen, f"{p!r} before its parent"
     if e.type == HARDLINK:
         assert e.linkname in seen, f"hardlink {p!r} -> {e.linkname!r} not yet yielded"
     seen.add(p)

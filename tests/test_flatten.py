@@ -245,9 +245,91 @@ def test_layers_without_needed_content_are_not_reread():
     assert f.stats["layers_reread"] == 1
 
 
-def test_consumer_may_skip_content():
+def _counting_opens(img):
+    opens = []
+
+    def wrap(op, i):
+        def counted():
+            opens.append(i)
+            return op()
+        return counted
+
+    return image_from_built(img, opener_wrap=wrap), opens
+
+
+def test_single_pass_reads_each_layer_once_top_first():
+    img = build_image([make_tar([T("usr", "dir"), T("usr/a", data=b"a" * 100), T("usr/b", data=b"b"),
+                                 T("etc", "dir", mode=0o700), T("etc/x", data=b"x")]),
+                       make_tar([T("usr", "dir", mode=0o750), T("usr/a", data=b"A"), T(".wh.etc")]),
+                       make_tar([T("usr", "dir"), T("usr/c", "sym", link="a")])])
+    image, opens = _counting_opens(img)
+    f = Flattener(image, single_pass=True)
+    out = {e.path: (e.type, e.mode, e.reader.read() if e.type == FILE else e.linkname) for e in f.entries()}
+    assert opens == [2, 1, 0] and f.stats["layers_reread"] == 0
+    # what the two passes give (each read twice but layer 3, which holds no content)
+    image2, opens2 = _counting_opens(img)
+    two = {e.path: (e.type, e.mode, e.reader.read() if e.type == FILE else e.linkname)
+           for e in Flattener(image2).entries()}
+    assert opens2 == [0, 1, 2, 0, 1] and out == two
+    assert out == {"usr": ("dir", 0o755, ""), "usr/a": ("file", 0o644, b"A"), "usr/b": ("file", 0o644, b"b"),
+                   "usr/c": ("symlink", 0o777, "a")}
+
+
+def test_single_pass_relinks_a_hardlink_whose_first_name_is_replaced_above():
+    # layer 1: a and its hardlink b; layer 2 replaces a: b keeps the old content. The single pass
+    # has skipped a's content when it meets b, so it reads layer 1 again for it, at the end.
+    img = build_image([make_tar([T("d", "dir"), T("d/a", data=b"old", mode=0o640), T("d/b", "hard", link="d/a"),
+                                 T("d/c", "hard", link="d/b")]),
+                       make_tar([T("d", "dir"), T("d/a", data=b"new")])])
+    image, opens = _counting_opens(img)
+    f = Flattener(image, single_pass=True)
+    seen, out = set(), {}
+    for e in f.entries():
+        assert e.type != "hardlink" or e.linkname in seen
+        seen.add(e.path)
+        out[e.path] = (e.type, e.reader.read() if e.type == FILE else e.linkname)
+    assert out == {"d": ("dir", ""), "d/a": ("file", b"new"), "d/b": ("file", b"old"), "d/c": ("hardlink", "d/b")}
+    assert opens == [1, 0, 0] and f.stats["layers_reread"] == 1
+
+
+@pytest.mark.parametrize("layers,why", [
+    ([[T("lib", "sym", link="usr/lib"), T("usr/lib", "dir")], [T("lib/x", data=b"x")]], "symlink"),
+    ([[T("a", data=b"f")], [T("a/x", data=b"x")]], "is a file"),
+    ([[T("a", data=b"f")], [T("b", "hard", link="a")]], "hardlink"),
+    ([[T("a", data=b"f", uid=1), T("b", "hard", link="a", uid=2)]], "changes the attributes"),
+    ([[T("s", "sym", link="d"), T("d", "dir"), T("s/x", data=b"x")]], "not a directory"),
+    ([[T("d", "dir"), T("d/x", data=b"x"), T("d", data=b"f")]], None),      # duplicate: refused either way
+])
+def test_single_pass_gives_up_where_the_order_matters(layers, why):
+    from hpcconv.flatten import TwoPassNeeded
+
+    image = image_from_built(build_image([make_tar(l) for l in layers]))
+    if why is None:
+        with pytest.raises(CorruptInput, match="appears twice"):
+            list(Flattener(image, single_pass=True).entries())
+        return
+    with pytest.raises(TwoPassNeeded, match=why):
+        for e in Flattener(image, single_pass=True).entries():
+            if e.type == FILE:
+                e.reader.read()
+
+
+def test_single_pass_names_the_layer_of_content_it_cannot_read():
+    # the content is read by the consumer (a sink): a truncated layer still says which one
+    body = make_tar([T("big", data=bytes(range(256)) * 4000)])
+    img = build_image([make_tar([T("a", data=b"a")]), body[:600_000]])
+    f = Flattener(image_from_built(img), single_pass=True)
+    with pytest.raises(CorruptInput, match=r"layer 2/2 .*entry 'big'"):
+        for e in f.entries():
+            if e.type == FILE:
+                while e.reader.read(1 << 16):
+                    pass
+
+
+@pytest.mark.parametrize("single_pass", [False, True], ids=["two-pass", "single-pass"])
+def test_consumer_may_skip_content(single_pass):
     img = build_image([make_tar([T(f"f{i}", data=bytes([i]) * (1000 + i)) for i in range(20)])])
-    f = Flattener(image_from_built(img))
+    f = Flattener(image_from_built(img), single_pass=single_pass)
     got = {}
     for e in f.entries():
         if e.path in ("f3", "f17"):
@@ -273,9 +355,10 @@ def test_gzip_multimember_and_zstd_multiframe_layers():
         assert tree["a"].sha == h(b"x" * 50_000) and tree["b"].sha == h(b"y" * 50_000)
 
 
-def test_hardlinks_yielded_after_their_file():
+@pytest.mark.parametrize("single_pass", [False, True], ids=["two-pass", "single-pass"])
+def test_hardlinks_yielded_after_their_file(single_pass):
     img = build_image([make_tar([T("z", data=b"content"), T("a", "hard", link="z"), T("m/n", "hard", link="z")])])
-    entries = [(e.path, e.type, e.linkname) for e in Flattener(image_from_built(img)).entries()]
+    entries = [(e.path, e.type, e.linkname) for e in Flattener(image_from_built(img), single_pass=single_pass).entries()]
     files = [e for e in entries if e[1] == FILE]
     assert len(files) == 1
     first = files[0][0]
@@ -285,7 +368,7 @@ def test_hardlinks_yielded_after_their_file():
 
 
 # -- through the CLI -----------------------------------------------------------------------------------
-def _export(tmp_path, img):
+def _export(tmp_path, img, *opts):
     import os
     import subprocess
     import sys
@@ -293,7 +376,7 @@ def _export(tmp_path, img):
     from ocitools import image_layout
 
     layout = image_layout(tmp_path / "layout", img)
-    return subprocess.run([sys.executable, "-m", "hpcconv.cli", "export", f"oci:{layout}", "-o",
+    return subprocess.run([sys.executable, "-m", "hpcconv.cli", *opts, "export", f"oci:{layout}", "-o",
                            str(tmp_path / "out.tar"), "--raw"], capture_output=True, text=True,
                           env={**os.environ, "HPCCONV_STORE": str(tmp_path / "store")})
 
@@ -331,7 +414,29 @@ def test_cli_export_writes_flattened_tar(tmp_path):
     assert set(names) == {"d", "d/b", "d/h"} and names["d/h"].islnk() != names["d/b"].islnk()
 
 
-def test_memory_stays_bounded_by_chunks():
+def test_cli_starts_over_with_two_passes_where_the_single_pass_gives_up(tmp_path):
+    # layer 2's files are yielded (and written) before layer 1 shows that `lib` is a symlink, which
+    # bottom-up application follows: the partial output goes, the two passes write the tar
+    import os
+
+    from flattools import tree_of_tar
+
+    img = build_image([make_tar([T("usr", "dir"), T("usr/lib", "dir"), T("usr/lib/one", data=b"1"),
+                                 T("lib", "sym", link="usr/lib")]),
+                       make_tar([T("big", data=bytes(range(256)) * 2000), T("lib/two", data=b"2")])])
+    r = _export(tmp_path, img, "--json")
+    assert r.returncode == 0, r.stderr
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert "'lib' is a symlink, and a higher layer writes into it; reading the layers again" in \
+        checks["single pass"]["detail"]
+    tree = tree_of_tar((tmp_path / "out.tar").read_bytes())
+    assert tree["lib"].type == "symlink" and tree["usr/lib/two"].sha == h(b"2") and "lib/two" not in tree
+    assert tree["big"].sha == h(bytes(range(256)) * 2000)
+    assert sorted(os.listdir(tmp_path)) == ["layout", "out.tar"]         # no partial output left
+
+
+@pytest.mark.parametrize("single_pass", [False, True], ids=["two-pass", "single-pass"])
+def test_memory_stays_bounded_by_chunks(single_pass):
     # a 96 MiB file (compresses to ~100 KiB) is streamed through, never held
     import tracemalloc
 
@@ -341,7 +446,7 @@ def test_memory_stays_bounded_by_chunks():
     image = image_from_built(img)
     tracemalloc.start()
     try:
-        f = Flattener(image)
+        f = Flattener(image, single_pass=single_pass)
         n = 0
         for e in f.entries():
             if e.type == FILE:
@@ -362,7 +467,8 @@ def test_deep_tree_under_opaque_dir():
     assert len(tree) == 3001 and tree[deep + "/f"].sha == h(b"f")
 
 
-def test_no_threads_left_behind_on_error_or_abandon():
+@pytest.mark.parametrize("single_pass", [False, True], ids=["two-pass", "single-pass"])
+def test_no_threads_left_behind_on_error_or_abandon(single_pass):
     import threading
     import time as _time
 
@@ -372,9 +478,10 @@ def test_no_threads_left_behind_on_error_or_abandon():
     img = build_image([make_tar([T(f"f{i}", data=bytes([i]) * 300_000) for i in range(40)]),
                        make_tar([T("../../x", data=b"x")])])
     with pytest.raises(UnsafeInput):
-        Flattener(image_from_built(img)).index()
+        for _ in Flattener(image_from_built(img), single_pass=single_pass).entries():
+            pass
     img = build_image([make_tar([T(f"f{i}", data=bytes([i]) * 300_000) for i in range(40)])])
-    gen = Flattener(image_from_built(img)).entries()
+    gen = Flattener(image_from_built(img), single_pass=single_pass).entries()
     for e in gen:
         if e.type == FILE:
             break                                  # abandon mid-layer

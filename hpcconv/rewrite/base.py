@@ -160,6 +160,7 @@ class PassRunner:
                          if type(p).edit is not Pass.edit or type(p).additions is not Pass.additions]
         self._dirs: set[str] = set()       # directory paths yielded (only tracked when a pass edits)
         self._dropped: set[str] = set()    # paths dropped by an edit (hardlinks to them go too)
+        self.links_dropped: list[str] = [] # those hardlinks
 
     def _scanners_for(self, e: Entry, head: bytes) -> list[Scanner]:
         from .elfinfo import ElfScanner, is_elf
@@ -181,6 +182,7 @@ class PassRunner:
     def _edit(self, e: Entry, head: bytes | None) -> Entry | None:
         if e.type == HARDLINK and e.linkname in self._dropped:
             self._dropped.add(e.path)
+            self.links_dropped.append(e.path)
             return None
         for p in self._editors:
             new = p.edit(e, head)
@@ -257,4 +259,10 @@ class PassRunner:
         checks = Checks()
         for p in self.passes:
             checks.extend(p.finish(self.profile if profile is PassRunner._UNSET else profile))
+        if self.links_dropped:
+            n = len(self.links_dropped)
+            checks.add("prepare", "prepare.hardlinks", "warn",
+                       f"{n} hardlink(s) to a dropped file dropped with it (the content was stored under the "
+                       f"dropped name): " + ", ".join("/" + p for p in self.links_dropped[:5])
+                       + (f" (+{n - 5} more)" if n > 5 else ""))
         return checks

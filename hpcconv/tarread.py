@@ -35,6 +35,11 @@ def _cstr(b: bytes) -> bytes:
 
 
 def _num(field: bytes) -> int:
+    if field and not field[0] & 0x80:
+        try:                                           # the common case: octal digits, NUL/space ended
+            return int(field.rstrip(b"\0"), 8)
+        except ValueError:
+            pass                                       # garbage after a NUL, empty, bad: the slow path
     if field and field[0] & 0x80:                      # GNU base-256
         n = int.from_bytes(field[1:], "big")
         if field[0] == 0xFF:

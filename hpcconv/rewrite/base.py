@@ -158,21 +158,22 @@ class PassRunner:
         self.elf_seen = 0
         self._editors = [p for p in self.passes
                          if type(p).edit is not Pass.edit or type(p).additions is not Pass.additions]
+        from .elfinfo import ElfScanner, is_elf      # once, not per file
+
+        self._is_elf, self._elf_scanner = is_elf, ElfScanner
         self._dirs: set[str] = set()       # directory paths yielded (only tracked when a pass edits)
         self._dropped: set[str] = set()    # paths dropped by an edit (hardlinks to them go too)
         self.links_dropped: list[str] = [] # those hardlinks
 
     def _scanners_for(self, e: Entry, head: bytes) -> list[Scanner]:
-        from .elfinfo import ElfScanner, is_elf
-
         out: list[Scanner] = []
         for p in self.passes:
             s = p.observe(e, head)
             if s is not None:
                 out.append(s)
-        if is_elf(head):
+        if head[:4] == b"\x7fELF" and self._is_elf(head):
             self.elf_seen += 1
-            out.append(ElfScanner(e, head, self._elf_done, scan_instructions=self.scan_instructions))
+            out.append(self._elf_scanner(e, head, self._elf_done, scan_instructions=self.scan_instructions))
         return out
 
     def _elf_done(self, entry: Entry, info) -> None:

@@ -411,7 +411,7 @@ def main() -> int:
             "skopeo+umoci+mksquashfs gzip": lambda: umoci_case("hpcapp", "1", "gzip"),
             "warm: hpcconv charliecloud zstd": lambda: hpcconv_case("hpcapp", "1", "charliecloud", "zstd", warm,
                                                                     args.warm_profile),
-            "warm, two passes + index cache: hpcconv charliecloud zstd": lambda: hpcconv_case(
+            "warm two-pass + index cache: hpcconv charliecloud zstd": lambda: hpcconv_case(
                 "hpcapp", "1", "charliecloud", "zstd", warm, args.warm_profile, passes=2),
             "two passes: hpcconv charliecloud zstd": lambda: hpcconv_case("hpcapp", "1", "charliecloud", "zstd",
                                                                           passes=2),

@@ -983,10 +983,14 @@ class Flattener:
         for i in sorted(by_layer, reverse=True):
             yield from self._stream_layer(i, by_layer[i], paths)
 
-    def _td_parents(self, td: _TopDown, st: "_LayerState", dparts: list[str], dkey: str) -> None:
-        """The directories an entry (or whiteout) of this layer is written into: each one this layer
-        has not given yet takes its type from the layers below, which are read later (`pending`)."""
-        if dkey in st.parents_ok:
+    def _td_parents(self, td: _TopDown, st: "_LayerState", dparts: list[str], dkey: str, visible: bool) -> None:
+        """The directories an entry (or whiteout) of this layer is written into. Each one this layer
+        has not given yet has the type the layers below give it, read later: `pending` until one of
+        them shows it (a non-directory there, which bottom-up application would follow or replace,
+        means two passes). Also for hidden entries: through a symlink they may land elsewhere. Only
+        a visible entry's parents are yielded (as implied directories, when no layer gives them)."""
+        done = st.parents_ok if visible else st.parents_seen
+        if dkey in done:
             return
         p = ""
         for c in dparts:
@@ -996,8 +1000,9 @@ class Flattener:
                                     f"layer is written into it")
             if p not in st.dirs:
                 td.pending[p] = st.index
-                td.implied.add(p)
-        st.parents_ok.add(dkey)
+                if visible:
+                    td.implied.add(p)
+        done.add(dkey)
 
     def _td_member(self, td: _TopDown, st: "_LayerState", tr: TarReader, ti: Member,
                    ordinal: int) -> Entry | None:
@@ -1015,8 +1020,8 @@ class Flattener:
                     self.stats["opaque"] += 1
                     hidden = (td.parent_hidden(dparts[:-1], "/".join(dparts[:-1])) or dkey in td.gone
                               if dparts else False)
+                    self._td_parents(td, st, dparts, dkey, not hidden)
                     if not hidden:
-                        self._td_parents(td, st, dparts, dkey)
                         st.new_opq.add(dkey)
             else:
                 st.aufs += 1
@@ -1026,9 +1031,10 @@ class Flattener:
                 self._warn(f"{st.what}: bare whiteout {ti.name!r} ignored")
                 return None
             self.stats["whiteouts"] += 1
-            if td.parent_hidden(dparts, dkey):
+            hidden = td.parent_hidden(dparts, dkey)
+            self._td_parents(td, st, dparts, dkey, not hidden)
+            if hidden:
                 return None                          # nothing below it is visible anyway
-            self._td_parents(td, st, dparts, dkey)
             name = leaf[len(WH):]
             key = f"{dkey}/{name}" if dkey else name
             if key in st.unpacked or key in st.ancestors:
@@ -1045,16 +1051,16 @@ class Flattener:
             raise CorruptInput(f"{key!r} appears twice in the layer (Docker refuses such layers)",
                                hint="HPCCONV_ALLOW_DUPLICATES=1 lets the later entry win")
         hidden = td.parent_hidden(dparts, dkey) or key in td.gone
-        if not hidden:
-            if dparts:
-                self._td_parents(td, st, dparts, dkey)
-            if kind != DIR and key in st.ancestors:
-                raise TwoPassNeeded(f"{st.what}: {key!r} replaces a directory the same layer wrote into")
-            pend = td.pending.get(key)
-            if pend is not None and pend > st.index:
-                if kind != DIR:
-                    raise TwoPassNeeded(f"{st.what}: {key!r} is a {kind}, and a higher layer writes into it")
-                del td.pending[key]
+        if dparts:
+            self._td_parents(td, st, dparts, dkey, not hidden)
+        if kind != DIR and key in st.ancestors:
+            raise TwoPassNeeded(f"{st.what}: {key!r} replaces a directory the same layer wrote into")
+        pend = td.pending.get(key)
+        if pend is not None and pend > st.index:
+            # hidden or not: what a higher layer wrote into it went where this entry led
+            if kind != DIR:
+                raise TwoPassNeeded(f"{st.what}: {key!r} is a {kind}, and a higher layer writes into it")
+            del td.pending[key]
         st.mark(key, dparts)
         xattrs = _xattrs_of(ti) if ti.pax_headers else {}
         if kind == DIR:
@@ -1191,7 +1197,7 @@ class _LayerState:
     """Per-layer bookkeeping: paths this layer wrote, their ancestors, implied dirs, opaque dirs."""
 
     __slots__ = ("index", "what", "unpacked", "ancestors", "implied", "opaque_done", "aufs",
-                 "dirs", "nondirs", "links", "shadowed", "parents_ok", "new_gone", "new_opq")
+                 "dirs", "nondirs", "links", "shadowed", "parents_ok", "parents_seen", "new_gone", "new_opq")
 
     def __init__(self, index: int, what: str):
         self.index, self.what = index, what
@@ -1205,7 +1211,8 @@ class _LayerState:
         self.nondirs: set[str] = set()           # everything else it has given
         self.links: dict[str, tuple] = {}        # yielded non-directories: hardlink targets
         self.shadowed: dict[str, Ino] = {}       # the others, for hardlinks to them
-        self.parents_ok: set[str] = set()        # parent paths already checked
+        self.parents_ok: set[str] = set()        # parent paths already checked (visible entries)
+        self.parents_seen: set[str] = set()      # the same, for hidden ones
         self.new_gone: set[str] = set()          # what this layer deletes for the layers below
         self.new_opq: set[str] = set()
 

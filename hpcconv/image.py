@@ -375,6 +375,7 @@ class Image:
     index: Index | None = None   # the index/list this image was chosen from, if any
     source: str = ""             # transport name: docker, docker-daemon, docker-archive, oci, bundle
     index_cache: str | None = None   # directory of per-layer header indexes (the store's), see flatten
+    downloads: object | None = None  # layer blobs still downloading (sources.registry.Downloads), if any
 
     @property
     def platform(self) -> Platform:

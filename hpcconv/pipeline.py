@@ -13,6 +13,7 @@ emitter, returning checks. The CLI only parses options and renders what these fu
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def open_for_profile(source: str, opts, profile) -> tuple[Image, Check | None]:
             raise first from None
         c = check_platform(other.platform, profile, _available(other))
         if c.status != FAIL:
+            if other.downloads is not None:
+                other.downloads.abort()
             raise first
         return other, c
     return img, check_platform(img.platform, profile, _available(img))
@@ -66,6 +69,21 @@ class Scan:
 
     def judge(self, profile) -> Checks:
         return self.runner.finish(profile)
+
+
+@contextmanager
+def downloads_of(img: Image):
+    """Around the use of an image whose layers may still be downloading (SourceOptions.stream_layers):
+    at the end the rest is waited for (and the tag recorded); on an error or Ctrl-C they stop."""
+    bg = img.downloads
+    try:
+        yield img
+    except BaseException:
+        if bg is not None:
+            bg.abort()
+        raise
+    if bg is not None:
+        bg.finish()
 
 
 def flatten_into(image: Image, reporter, consume, single_pass: bool = True):
@@ -160,12 +178,19 @@ class ConvertOutcome:
 def convert(source: str, opts, target: str, output: Path, fmt: str, compression: str = "auto",
             profile=None, reporter=NULL, force: bool = False) -> ConvertOutcome:
     """source -> flatten -> passes -> emitter. A wrong platform stops before any layer is read."""
+    # layers still downloading are read as they arrive
+    img, pc = open_for_profile(source, replace(opts, stream_layers=True), profile)
+    with downloads_of(img):
+        return _convert(img, pc, target, output, fmt, compression, profile, reporter, force)
+
+
+def _convert(img: Image, pc, target: str, output: Path, fmt: str, compression: str, profile, reporter,
+             force: bool) -> ConvertOutcome:
     import importlib
 
     from .rewrite.prepare import choose_compression
 
     checks = Checks()
-    img, pc = open_for_profile(source, opts, profile)
     if pc is not None:
         checks.items.append(pc)
         if pc.status == FAIL:
@@ -203,10 +228,16 @@ def export(source: str, opts, output: Path | None, profile=None, raw: bool = Fal
            force: bool = False) -> tuple[Image, int, Checks, list[dict]]:
     """The flattened rootfs as a tar; with a profile (and not raw), prepared for it. The environment
     part of a preparation cannot live in a rootfs tar and is reported instead."""
+    img, pc = open_for_profile(source, replace(opts, stream_layers=True), None if raw else profile)
+    with downloads_of(img):
+        return _export(img, pc, output, profile, raw, reporter)
+
+
+def _export(img: Image, pc, output: Path | None, profile, raw: bool, reporter
+            ) -> tuple[Image, int, Checks, list[dict]]:
     from .emit.sinks import write_tar
 
     checks = Checks()
-    img, pc = open_for_profile(source, opts, None if raw else profile)
     if pc is not None:
         checks.items.append(pc)
         if pc.status == FAIL:

@@ -372,6 +372,7 @@ class LoopbackProxy(_TLSServer):
         self.length_delta: dict[str, list[int]] = {}  # Content-Length = real + delta, then close
         self.pad_manifest = 0                      # append this many spaces to manifest bodies...
         self.omit_length = False                   # ...and send no Content-Length (close-delimited)
+        self.gates: dict[str, threading.Event] = {}  # path substring -> GETs wait for the event (60 s at most)
         super().__init__("127.0.0.1", certs, _proxy_handler)
 
     @property
@@ -393,6 +394,9 @@ def _proxy_handler(proxy: LoopbackProxy):
             proxy.seen.append(s)
             if proxy.blob_delay and "/blobs/" in self.path:
                 time.sleep(proxy.blob_delay)
+            for sub, gate in list(proxy.gates.items()):
+                if sub in self.path and method == "GET":
+                    gate.wait(60)
             for sub, codes in list(proxy.statuses.items()):
                 if sub in self.path and codes:
                     code = codes.pop(0)

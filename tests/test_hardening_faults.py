@@ -221,3 +221,65 @@ def test_server_restarted_mid_pull(registry_root, test_certs, henv, store_dir, t
         proxy.stop()
     finally:
         reg.stop()
+
+
+def test_top_layers_are_flattened_while_lower_ones_still_download(fault_image, plain_registry, test_certs,
+                                                                  store_dir):
+    """A conversion reads the top layer while the bottom one is on its way: the proxy holds the
+    bottom layer's blob back until the flatten has yielded the top layer's file (were the layers
+    fetched first, the open would wait out the gate and the checks below fail)."""
+    import hashlib
+    import threading
+
+    from hpcconv.flatten import Flattener
+    from hpcconv.sources import SourceOptions, open_source
+
+    img, layers = fault_image
+    proxy = LoopbackProxy(test_certs, plain_registry)
+    gate = threading.Event()
+    proxy.gates[layers[0].split(":")[1]] = gate
+    blob0 = store_dir / "blobs" / "sha256" / layers[0].split(":")[1]
+    index = store_dir / "index.json"
+    try:
+        opts = SourceOptions(store_path=str(store_dir), ca_cert=str(test_certs.ca), stream_layers=True)
+        image = open_source(f"docker://{proxy.host_port}/test/faults:1", opts)
+        assert image.downloads is not None and not blob0.exists()
+        entries = Flattener(image, single_pass=True).entries()
+        first = next(entries)
+        assert first.path == "small" and len(first.reader.read()) == 200_000
+        assert not blob0.exists()                       # still held back
+        assert "test/faults:1" not in (index.read_text() if index.exists() else "")
+        gate.set()
+        rest = {e.path: hashlib.sha256(e.reader.read()).hexdigest() for e in entries}
+        assert set(rest) == {"mid", "big"}
+        image.downloads.finish()
+        assert sha256_file(blob0) == layers[0]
+        assert f"{proxy.host_port}/test/faults:1" in index.read_text()   # tagged once complete
+        check_store(store_dir, img.blobs)
+    finally:
+        gate.set()
+        proxy.stop()
+
+
+def test_convert_stops_downloads_when_a_layer_is_corrupt(fault_image, plain_registry, test_certs, henv, store_dir,
+                                                         tmp_path):
+    """The bottom layer arrives corrupt while the top ones are being converted: one-line error (exit
+    4), no output, no tag, only verified blobs in the store, and the process does not linger."""
+    img, layers = fault_image
+    proxy = LoopbackProxy(test_certs, plain_registry)
+    bad = layers[0].split(":")[1]
+    proxy.mutate = lambda path, body: body[:-10] + b"x" * 10 if bad in path else body
+    out = tmp_path / "out.sqfs"
+    try:
+        t0 = time.monotonic()
+        r = hpc("convert", f"docker://{proxy.host_port}/test/faults:1", "--ca-cert", str(test_certs.ca),
+                "-t", "charliecloud", "--format", "squashfs", "-o", str(out), env=henv)
+        assert time.monotonic() - t0 < 60
+        one_line_error(r, 4)
+        assert layers[0] in r.stderr or "digest" in r.stderr, r.stderr
+        assert not [n for n in os.listdir(tmp_path) if "out" in n], os.listdir(tmp_path)   # no output, no temporary
+        assert f"{proxy.host_port}/test/faults:1" not in ((store_dir / "index.json").read_text()
+                                                          if (store_dir / "index.json").exists() else "")
+        check_store(store_dir, img.blobs)
+    finally:
+        proxy.stop()

@@ -38,6 +38,9 @@ class SourceOptions:
     password: str | None = field(default=None, repr=False)
     reporter: Reporter = NULL
     max_workers: int = 4                      # parallel blob downloads
+    # registry: return the image once its config is in, layers still downloading (Image.downloads;
+    # a layer's opener waits for its blob); the caller must finish() or abort() them
+    stream_layers: bool = False
 
 
 def parse_source(spec: str) -> tuple[str, str]:

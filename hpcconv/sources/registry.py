@@ -14,12 +14,12 @@ import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-from ..errors import CorruptInput, NetworkError, SourceError
+from ..errors import CorruptInput, HpcconvError, NetworkError, SourceError
 from ..image import (DOCKER_LAYER_FOREIGN, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, SCHEMA1_TYPES,
                      Descriptor, Image, ImageConfig, Index, Layer, Manifest, Platform, check_digest, digest_bytes,
                      host_platform, manifest_kind, parse_json, verify_bytes)
 from ..reference import Reference, parse
-from ..registry.client import MAX_MANIFEST, RegistryClient
+from ..registry.client import MAX_MANIFEST, RegistryClient, _Cancelled
 from ..store import Store
 from . import SourceOptions
 
@@ -41,9 +41,16 @@ def open_image(rest: str, opts: SourceOptions) -> Image:
                               hint="import the bundle that carries it (hpcconv bundle import)")
         return _from_tag_offline(ref, store, want, opts, store.resolve(ref.canonical()), "HPCCONV_OFFLINE=1")
     try:
-        with RegistryClient(ref, insecure=opts.insecure, ca_cert=opts.ca_cert, username=opts.username,
-                            password=opts.password, warn=lambda m: opts.reporter.log("warning", m)) as client:
-            return pull(client, ref, store, want, opts)
+        client = RegistryClient(ref, insecure=opts.insecure, ca_cert=opts.ca_cert, username=opts.username,
+                                password=opts.password, warn=lambda m: opts.reporter.log("warning", m))
+        keep = False
+        try:
+            img = pull(client, ref, store, want, opts)
+            keep = img.downloads is not None        # then the downloads own the client
+            return img
+        finally:
+            if not keep:
+                client.close()
     except NetworkError as e:
         # a tag imported from an hpcconv bundle stays usable while its registry is unreachable;
         # tags pulled from a registry never fall back (they may be stale)
@@ -167,7 +174,8 @@ def pull(client: RegistryClient, ref: Reference, store: Store, want: Platform, o
     if manifest.config.size > MAX_CONFIG:
         raise CorruptInput(f"image config {manifest.config.digest} is {manifest.config.size} bytes, "
                            f"over the {MAX_CONFIG}-byte limit")
-    download_all(client, store, [manifest.config] + manifest.layers, opts)
+    # with stream_layers the config comes first (the platform is checked before any layer is fetched)
+    download_all(client, store, [manifest.config] + ([] if opts.stream_layers else manifest.layers), opts)
     config = ImageConfig.parse(store.read_blob(manifest.config.digest, MAX_CONFIG))
     if opts.platform is not None and index is None and not config.platform.matches(opts.platform):
         raise SourceError(f"{ref} is a single-platform image for {config.platform}, not {opts.platform}")
@@ -175,8 +183,16 @@ def pull(client: RegistryClient, ref: Reference, store: Store, want: Platform, o
     top = Descriptor(_media_type(top_raw, top_ct, kind), top_digest, len(top_raw))
     if index is not None:
         store.put_bytes(top_raw, top_digest)
-    store.tag(ref.canonical(), top)
-    return _image(ref, store, manifest, config, index)
+    downloads = None
+    if opts.stream_layers:
+        # the tag is recorded once every layer is in: a tag always names a complete image
+        downloads = Downloads(client, store, manifest.layers, opts, lambda: store.tag(ref.canonical(), top))
+        if not downloads.pending:
+            downloads.finish()
+            downloads = None
+    else:
+        store.tag(ref.canonical(), top)
+    return _image(ref, store, manifest, config, index, downloads)
 
 
 def _check_layers(manifest: Manifest) -> None:
@@ -185,43 +201,124 @@ def _check_layers(manifest: Manifest) -> None:
             raise SourceError(f"layer {layer.digest} is a Windows foreign layer; only Linux images can be converted")
 
 
-def download_all(client: RegistryClient, store: Store, descs: list[Descriptor], opts: SourceOptions) -> None:
-    """Download blobs in parallel (opts.max_workers); the first error cancels the rest."""
-    todo: dict[str, Descriptor] = {}
-    for d in descs:
-        if d.digest not in todo and not store.has(d.digest):
-            todo[d.digest] = d
-    if not todo:
-        return
-    stop = threading.Event()
-
+def _fetcher(client: RegistryClient, store: Store, opts: SourceOptions, stop: threading.Event):
     def one(d: Descriptor) -> None:
         task = opts.reporter.task(d.hex[:12], total=d.size)
         client.download_blob(d, store, task, cancelled=stop.is_set)
         task.done()
+    return one
 
+
+def _todo(store: Store, descs: list[Descriptor]) -> dict[str, Descriptor]:
+    todo: dict[str, Descriptor] = {}
+    for d in descs:
+        if d.digest not in todo and not store.has(d.digest):
+            todo[d.digest] = d
+    return todo
+
+
+def _errors(futures) -> list[BaseException]:
+    """The errors of finished downloads, in the order given (those stopped by a cancel left out: the
+    error that made us cancel them is the one to report)."""
+    return [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None
+            and not isinstance(f.exception(), _Cancelled)]
+
+
+def _first_error(errors: list[BaseException]) -> BaseException | None:
+    corrupt = [e for e in errors if isinstance(e, CorruptInput)]
+    return (corrupt or errors or [None])[0]
+
+
+def _stop_all(ex: ThreadPoolExecutor, futures, stop: threading.Event, timeout: float | None = 5) -> None:
+    """Running downloads stop at their next chunk (their partial files stay for a resume), queued
+    ones never start."""
+    stop.set()
+    for f in futures:
+        f.cancel()
+    wait(futures, timeout=timeout)
+    ex.shutdown(wait=False, cancel_futures=True)
+
+
+def download_all(client: RegistryClient, store: Store, descs: list[Descriptor], opts: SourceOptions) -> None:
+    """Download blobs in parallel (opts.max_workers); the first error cancels the rest."""
+    todo = _todo(store, descs)
+    if not todo:
+        return
+    stop = threading.Event()
+    one = _fetcher(client, store, opts, stop)
     with ThreadPoolExecutor(max_workers=max(1, opts.max_workers), thread_name_prefix="blob") as ex:
         futures = [ex.submit(one, d) for d in todo.values()]
         try:
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         except BaseException:
-            # Ctrl-C (or any other abort): running downloads stop at their next chunk (their partial
-            # files stay for a resume), queued ones never start; give them a moment, then go
-            stop.set()
-            for f in futures:
-                f.cancel()
-            wait(futures, timeout=5)
-            ex.shutdown(wait=False, cancel_futures=True)
+            # Ctrl-C (or any other abort): give the downloads a moment to stop, then go
+            _stop_all(ex, futures, stop)
             raise
-        errors = [f.exception() for f in done if f.exception() is not None]
+        errors = _errors(done)
         if errors:
-            stop.set()
-            for f in pending:
-                f.cancel()
-            wait(pending)
-            errors += [f.exception() for f in pending if not f.cancelled() and f.exception() is not None]
-            corrupt = [e for e in errors if isinstance(e, CorruptInput)]
-            raise (corrupt or errors)[0]
+            _stop_all(ex, pending, stop, timeout=None)
+            raise _first_error(errors + _errors(pending))
+
+
+class Downloads:
+    """Layer blobs downloading (in parallel, the top layer first) while the image is already read: a
+    layer's opener waits for its own blob and fails with the first download error, whichever blob
+    it was (a corrupt blob first). `finish` waits for the rest, closes the client and records the
+    tag; `abort` stops them (partial files stay for a resume). Either must be called: the
+    pipeline's conversions do (`pipeline.downloads_of`)."""
+
+    def __init__(self, client: RegistryClient, store: Store, descs: list[Descriptor], opts: SourceOptions,
+                 on_complete):
+        self._client, self._on_complete, self._reporter = client, on_complete, opts.reporter
+        self._stop = threading.Event()
+        todo = _todo(store, descs)
+        self.pending = len(todo)
+        self._ex = ThreadPoolExecutor(max_workers=max(1, opts.max_workers), thread_name_prefix="blob")
+        one = _fetcher(client, store, opts, self._stop)
+        # top layer first: the order the single-pass flatten reads them
+        self._futures = {dg: self._ex.submit(one, d) for dg, d in reversed(list(todo.items()))}
+        self._closed = False
+
+    def wait(self, digest: str) -> None:
+        f = self._futures.get(digest)
+        if f is None:
+            return
+        while not f.done():
+            err = _first_error(_errors(self._futures.values()))
+            if err is not None:
+                raise err
+            wait([f], timeout=0.1)
+        err = _first_error(_errors([f]) + _errors(self._futures.values()))
+        if err is not None:
+            raise err
+
+    def finish(self) -> None:
+        if self._closed:
+            return
+        futures = list(self._futures.values())
+        try:
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            self.abort()
+            raise
+        errors = _errors(done)
+        if errors:
+            self.abort()
+            raise _first_error(errors + _errors(pending))
+        self._closed = True
+        self._ex.shutdown(wait=True)
+        self._client.close()
+        try:
+            self._on_complete()
+        except (HpcconvError, OSError) as e:     # the image was read in full: only the tag is missing
+            self._reporter.log("warning", f"the store could not record the tag: {e}")
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _stop_all(self._ex, list(self._futures.values()), self._stop)
+        self._client.close()
 
 
 # offline -----------------------------------------------------------------------------------------
@@ -248,7 +345,17 @@ def from_store(ref: Reference, store: Store, want: Platform, opts: SourceOptions
     return _image(ref, store, manifest, config, index)
 
 
-def _image(ref: Reference, store: Store, manifest: Manifest, config: ImageConfig, index: Index | None) -> Image:
-    layers = [Layer(d, (lambda dg=d.digest: store.open_blob(dg)), i) for i, d in enumerate(manifest.layers)]
+def _image(ref: Reference, store: Store, manifest: Manifest, config: ImageConfig, index: Index | None,
+           downloads: "Downloads | None" = None) -> Image:
+    def opener(digest: str):
+        if downloads is None:
+            return lambda: store.open_blob(digest)
+
+        def wait_then_open():
+            downloads.wait(digest)
+            return store.open_blob(digest)
+        return wait_then_open
+
+    layers = [Layer(d, opener(d.digest), i) for i, d in enumerate(manifest.layers)]
     return Image(str(ref), manifest, config, layers, index=index, source="docker",
-                 index_cache=str(store.root / "index-cache"))
+                 index_cache=str(store.root / "index-cache"), downloads=downloads)

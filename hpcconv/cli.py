@@ -478,13 +478,13 @@ def main() -> None:
         if _PENDING and rc == 130:        # typer turned our KeyboardInterrupt into Exit(130) after unwinding
             raise _Terminated() if _PENDING[0] == signal.SIGTERM else KeyboardInterrupt()
         if isinstance(rc, int) and rc:
-            sys.exit(rc)
+            _exit_now(rc)                 # downloads stopped by the failure may still sit in a read
     except HpcconvError as e:
         msg = f"hpcconv: error: {e.message}"
         if e.hint:
             msg += f" (hint: {e.hint})"
         print(msg, file=sys.stderr)
-        sys.exit(e.exit_code)
+        _exit_now(e.exit_code)
     except KeyboardInterrupt as e:
         # the stack has unwound (temporary outputs removed, child tools killed); a download thread
         # still blocked in a read must not hold the exit up, so leave without joining threads

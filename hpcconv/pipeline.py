@@ -13,6 +13,7 @@ emitter, returning checks. The CLI only parses options and renders what these fu
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -86,6 +87,12 @@ def downloads_of(img: Image):
         bg.finish()
 
 
+def _stop_downloads(img: Image) -> None:
+    """The image does not fit the site: its layers are not needed (none was fetched for nothing)."""
+    if img.downloads is not None:
+        img.downloads.abort()
+
+
 def flatten_into(image: Image, reporter, consume, single_pass: bool = True):
     """Flatten `image` and hand the Flattener to `consume` (which reads `entries()` and builds its
     own passes and output), returning (flattener, what consume returned).
@@ -95,7 +102,6 @@ def flatten_into(image: Image, reporter, consume, single_pass: bool = True):
     leave nothing behind when an exception goes through it (the sinks write under temporary names)
     and start from scratch on each call. HPCCONV_FLATTEN_PASSES=2 always uses two passes."""
     from .flatten import Flattener, TwoPassNeeded
-    import os
 
     why = None
     if single_pass and os.environ.get("HPCCONV_FLATTEN_PASSES", "1") != "2":
@@ -194,6 +200,7 @@ def _convert(img: Image, pc, target: str, output: Path, fmt: str, compression: s
     if pc is not None:
         checks.items.append(pc)
         if pc.status == FAIL:
+            _stop_downloads(img)
             return ConvertOutcome(img, checks, [], None, compression)
     if fmt in ("squashfs", "sif"):
         comp, cc = choose_compression(compression, profile)
@@ -241,6 +248,7 @@ def _export(img: Image, pc, output: Path | None, profile, raw: bool, reporter
     if pc is not None:
         checks.items.append(pc)
         if pc.status == FAIL:
+            _stop_downloads(img)
             return img, 0, checks, []
     # what went to stdout cannot be taken back: two passes there
     single = output is not None

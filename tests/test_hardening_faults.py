@@ -283,3 +283,33 @@ def test_convert_stops_downloads_when_a_layer_is_corrupt(fault_image, plain_regi
         check_store(store_dir, img.blobs)
     finally:
         proxy.stop()
+
+
+def test_convert_for_a_site_the_image_does_not_fit_fetches_no_layer(fault_image, plain_registry, test_certs,
+                                                                   henv, store_dir, tmp_path):
+    """An amd64 image for an arm64 site: the platform check fails (exit 1) from the config alone;
+    the layer downloads already started are stopped (the proxy holds every layer blob back: were
+    they waited for, the run would take the gate's 60 s), nothing is tagged, no output."""
+    import threading
+
+    img, layers = fault_image
+    proxy = LoopbackProxy(test_certs, plain_registry)
+    gate = threading.Event()
+    for d in layers:
+        proxy.gates[d.split(":")[1]] = gate
+    out = tmp_path / "out.sqfs"
+    try:
+        t0 = time.monotonic()
+        r = hpc("--json", "convert", f"docker://{proxy.host_port}/test/faults:1", "--ca-cert", str(test_certs.ca),
+                "--profile", "alps-gh200", "-t", "charliecloud", "--format", "squashfs", "-o", str(out), env=henv)
+        took = time.monotonic() - t0
+        assert r.returncode == 1, r.stderr
+        checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+        assert checks["platform"]["status"] == "fail"
+        assert took < 30 and not out.exists()
+        assert not any((store_dir / "blobs" / "sha256" / d.split(":")[1]).exists() for d in layers)
+        assert f"{proxy.host_port}/test/faults:1" not in ((store_dir / "index.json").read_text()
+                                                          if (store_dir / "index.json").exists() else "")
+    finally:
+        gate.set()
+        proxy.stop()

@@ -448,6 +448,42 @@ def test_cli_starts_over_with_two_passes_where_the_single_pass_gives_up(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["layout", "out.tar"]         # no partial output left
 
 
+@pytest.mark.parametrize("fmt", ["squashfs", "tar"])
+def test_cli_outputs_take_parents_that_come_after_their_children(tmp_path, fmt):
+    # the single pass yields layer 2's usr/lib/x before layer 1's usr and usr/lib, and opt, opt/new
+    # (no layer gives them) at the end: tar2sqfs and tar extraction must still give every directory
+    # its attributes (read back with sqfs2tar and GNU tar, not with hpcconv)
+    import os
+    import subprocess
+    import sys
+
+    from conftest import need
+    from ocitools import image_layout
+    from siftools import squashfs_tree
+
+    need("tar2sqfs")
+    img = build_image([make_tar([T("usr", "dir", mode=0o750, mtime=1000), T("usr/lib", "dir", mode=0o711, mtime=2000),
+                                 T("usr/lib/a", data=b"a")]),
+                       make_tar([T("usr/lib/x", data=b"x"), T("opt/new/y", data=b"y")])])
+    layout = image_layout(tmp_path / "layout", img)
+    out = tmp_path / ("out.sqfs" if fmt == "squashfs" else "out.tar")
+    r = subprocess.run([sys.executable, "-m", "hpcconv.cli", "convert", f"oci:{layout}", "-t", "charliecloud",
+                        "--format", fmt, "--compression", "gzip", "-o", str(out)], capture_output=True, text=True,
+                       env={**os.environ, "HPCCONV_STORE": str(tmp_path / "store")})
+    assert r.returncode == 0, r.stderr
+    if fmt == "squashfs":
+        tree = squashfs_tree(out)
+        got = {p: (tree[p]["mode"], tree[p]["mtime"]) for p in ("usr", "usr/lib", "opt", "opt/new")}
+    else:
+        root = tmp_path / "x"
+        root.mkdir()
+        subprocess.run(["tar", "-xzf", str(out), "-C", str(root)], check=True)
+        got = {p: ((root / p).stat().st_mode & 0o7777, int((root / p).stat().st_mtime))
+               for p in ("usr", "usr/lib", "opt", "opt/new")}
+    # Charliecloud makes directories u+rwx (0o711 -> 0o711, 0o750 stays)
+    assert got == {"usr": (0o750, 1000), "usr/lib": (0o711, 2000), "opt": (0o755, 0), "opt/new": (0o755, 0)}
+
+
 @pytest.mark.parametrize("single_pass", [False, True], ids=["two-pass", "single-pass"])
 def test_memory_stays_bounded_by_chunks(single_pass):
     # a 96 MiB file (compresses to ~100 KiB) is streamed through, never held

@@ -165,6 +165,11 @@ def _xattrs_of(ti: Member) -> dict[str, bytes]:
     return out
 
 
+def _in_entry(what: str, ti: Member, e: HpcconvError) -> HpcconvError:
+    """`e`, raised while applying member `ti` of a layer, with the layer and the entry named."""
+    return type(e)(f"{what} entry {ti.name!r}: {e.message}", hint=e.hint)
+
+
 def clean_name(name: str) -> list[str]:
     """Components of a member name: `/`, `.` and empty parts dropped, `..` applied lexically.
     Raises UnsafeInput when `..` climbs above the root and CorruptInput for a NUL byte."""
@@ -527,13 +532,16 @@ class Flattener:
             self._index_layer(i, diff_ids[i] if diff_ids else None, task)
         task.done()
         self._indexed = True
-        detail = f"{len(layers)} layer(s): blob digests verified"
+        cached = (f" ({len(self._from_cache)} indexed from the cache: verified when cached, and again when "
+                  f"re-read for content)") if self._from_cache else ""
+        self._layer_checks("", bool(diff_ids), cached, time.monotonic() - t0)
+
+    def _layer_checks(self, how: str, diff_ids: bool, note: str = "", duration: float = 0.0) -> None:
+        n = len(self.image.layers)
+        detail = f"{n} layer(s){how}: blob digests verified"
         detail += ", diff_ids verified" if diff_ids else ", no diff_ids in the config"
-        if self._from_cache:
-            detail += (f" ({len(self._from_cache)} indexed from the cache: verified when cached, and again "
-                       f"when re-read for content)")
-        self.checks.add(STAGE, "layer digests", PASS, detail, time.monotonic() - t0)
-        if not layers:
+        self.checks.add(STAGE, "layer digests", PASS, detail + note, duration)
+        if not n:
             self.checks.add(STAGE, "layers", WARN, "the image has no layers: its root file system is empty "
                                                    "(Docker accepts such images too)")
 
@@ -544,13 +552,14 @@ class Flattener:
             return
         rows: list | None = [] if self.index_cache is not None else None
         st = _LayerState(i, what)
+        before = self.stats["expanded_bytes"]
         for _tr, ti, ordinal in self._layer_members(i, diff_id, task, rows):
             try:
                 self._apply(st, ti, ordinal)
             except HpcconvError as e:
-                raise type(e)(f"{what} entry {ti.name!r}: {e.message}", hint=e.hint) from None
+                raise _in_entry(what, ti, e) from None
         if rows is not None:
-            self._save_index(i, diff_id, self._expanded_last, rows)
+            self._save_index(i, diff_id, self.stats["expanded_bytes"] - before, rows)
 
     def _layer_members(self, i: int, diff_id: str | None, task, rows: list | None = None
                        ) -> Iterator[tuple[TarReader, Member, int]]:
@@ -606,8 +615,7 @@ class Flattener:
                     pass
         if not raw.verified:
             raise CorruptInput(f"{what}: blob was not fully verified")
-        self._expanded_last = cnt.n + cnt.extra
-        self.stats["expanded_bytes"] += self._expanded_last
+        self.stats["expanded_bytes"] += cnt.n + cnt.extra
         if diff_id:
             got = f"{diff_id.split(':', 1)[0]}:{cnt.h.hexdigest()}"
             if got != diff_id:
@@ -667,7 +675,7 @@ class Flattener:
             try:
                 self._apply(st, ti, ordinal)
             except HpcconvError as e:
-                raise type(e)(f"{what} entry {ti.name!r}: {e.message}", hint=e.hint) from None
+                raise _in_entry(what, ti, e) from None
         self.stats["members"] += len(members)
         self.stats["expanded_bytes"] += expanded
         self.stats["layers_cached"] += 1
@@ -942,7 +950,7 @@ class Flattener:
                     try:
                         e = self._td_member(td, st, tr, ti, ordinal)
                     except HpcconvError as err:
-                        raise type(err)(f"{what} entry {ti.name!r}: {err.message}", hint=err.hint) from None
+                        raise _in_entry(what, ti, err) from None
                     if e is not None:
                         by_type[e.type] = by_type.get(e.type, 0) + 1
                         yield e
@@ -956,12 +964,7 @@ class Flattener:
                     yield self._entry(p, _implied_dir())
         finally:
             task.done()
-        detail = f"{len(layers)} layer(s), each read once (top layer first): blob digests verified"
-        detail += ", diff_ids verified" if diff_ids else ", no diff_ids in the config"
-        self.checks.add(STAGE, "layer digests", PASS, detail)
-        if not layers:
-            self.checks.add(STAGE, "layers", WARN, "the image has no layers: its root file system is empty "
-                                                   "(Docker accepts such images too)")
+        self._layer_checks(", each read once (top layer first)", bool(diff_ids))
         self.stats["by_type"] = by_type
         self.stats["entries"] = sum(by_type.values())
         self._final_checks(0, time.monotonic() - t0)
@@ -1067,7 +1070,7 @@ class Flattener:
             st.dirs.add(key)
             if hidden or key in td.seen:
                 return None
-            td.seen[key] = DIR
+            td.seen.add(key)
             return Entry(key, DIR, ti.mode & 0o7777, ti.uid, ti.gid, ti.mtime, 0, "", 0, 0, xattrs)
         st.nondirs.add(key)
         st.new_gone.add(key)
@@ -1085,7 +1088,7 @@ class Flattener:
                 st.links[key] = target
                 if hidden or key in td.seen:
                     return None
-                td.seen[key] = HARDLINK
+                td.seen.add(key)
                 return Entry(key, HARDLINK, mode, uid, gid, mtime, 0, canon, xattrs=dict(txattrs))
             ino = st.shadowed.get(tkey)
             if ino is not None:
@@ -1098,7 +1101,7 @@ class Flattener:
                 ino.xattrs.update(xattrs)
                 st.shadowed[key] = ino
                 if not (hidden or key in td.seen):
-                    td.seen[key] = HARDLINK
+                    td.seen.add(key)
                     td.relinked.setdefault(id(ino), (st.index, ino, []))[2].append(key)
                 return None
             if not tparts or tkey in st.dirs:
@@ -1116,7 +1119,7 @@ class Flattener:
                                    minor=ti.devminor, xattrs=dict(xattrs), size=size,
                                    src=(st.index, ordinal) if size else None)
             return None
-        td.seen[key] = kind
+        td.seen.add(key)
         st.links[key] = (key, kind, ti.uid, ti.gid, mode, ti.mtime, xattrs)
         if kind == FILE:
             size = ti.size
@@ -1160,7 +1163,7 @@ class _TopDown:
     __slots__ = ("seen", "gone", "opq", "pending", "implied", "hcache", "relinked")
 
     def __init__(self):
-        self.seen: dict[str, str] = {}       # path -> type of the entry a higher layer gave it
+        self.seen: set[str] = set()          # paths a higher layer (or this one) gave an entry
         self.gone: set[str] = set()          # deleted for lower layers: whiteouts, non-directories
         self.opq: set[str] = set()           # directories whose lower-layer children are hidden
         self.pending: dict[str, int] = {}    # implied parent -> lowest layer that wrote under it

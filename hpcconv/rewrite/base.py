@@ -171,7 +171,7 @@ class PassRunner:
             s = p.observe(e, head)
             if s is not None:
                 out.append(s)
-        if head[:4] == b"\x7fELF" and self._is_elf(head):
+        if self._is_elf(head):
             self.elf_seen += 1
             out.append(self._elf_scanner(e, head, self._elf_done, scan_instructions=self.scan_instructions))
         return out

@@ -1,12 +1,17 @@
 """Layer decompression: gzip (ISA-L, multi-member), zstd (multi-frame), or none, chosen by magic bytes.
 
 The media type is a hint only: registries and tools mislabel layers, so the first bytes decide.
+
+`decoded_chunks` is the one decoder: it pulls compressed bytes through a `read(n)` function and
+yields the uncompressed bytes in chunks of at most CHUNK (gzip; a zstd frame's output comes in one
+piece per input chunk), one copy each, with no stream wrappers in between: the flatten's prefetch
+thread runs it directly, `open_decompressed` wraps it in a file object.
 """
 
 from __future__ import annotations
 
 import io
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import CorruptInput
 
@@ -15,32 +20,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
 CHUNK = 1 << 20
 
-
-class _Peek(io.RawIOBase):
-    """Put back peeked bytes in front of a stream."""
-
-    def __init__(self, head: bytes, raw: BinaryIO):
-        self._head = head
-        self._raw = raw
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self._head:
-            n = min(len(b), len(self._head))
-            b[:n] = self._head[:n]
-            self._head = self._head[n:]
-            return n
-        data = self._raw.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        try:
-            self._raw.close()
-        finally:
-            super().close()
+Read = Callable[[int], bytes]
 
 
 def detect(head: bytes) -> str:
@@ -51,109 +31,146 @@ def detect(head: bytes) -> str:
     return "none"
 
 
-class _Guard(io.RawIOBase):
-    """Turn decoder errors into CorruptInput naming what was being read."""
+def _gzip_chunks(data: bytes, read: Read) -> Iterator[bytes]:
+    """Concatenated gzip members (zero padding between and after them accepted, as gzip readers
+    do); each member's CRC and length are checked by the decoder; a member cut short is an error."""
+    from isal import isal_zlib
 
-    def __init__(self, inner, what: str):
-        self._inner = inner
-        self._what = what
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        try:
-            data = self._inner.read(len(b))
-        except CorruptInput as e:
-            raise CorruptInput(f"{self._what}: cannot decompress: {e.message}") from None
-        except (OSError, EOFError, ValueError) as e:
-            raise CorruptInput(f"{self._what}: cannot decompress: {e}") from None
-        except Exception as e:  # zstd.ZstdError and friends
-            if type(e).__name__ in ("ZstdError",):
-                raise CorruptInput(f"{self._what}: cannot decompress: {e}") from None
-            raise
-        b[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        try:
-            self._inner.close()
-        finally:
-            super().close()
-
-
-class _ZstdFrames(io.RawIOBase):
-    """Decode concatenated zstd frames (and skip skippable ones); a frame cut short is an error.
-
-    zstandard's `stream_reader` ends silently on a truncated frame, so frames are decoded one
-    `decompressobj` at a time and the last one must reach its end."""
-
-    def __init__(self, src: BinaryIO):
-        import zstandard
-
-        self._src = src
-        self._dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-        self._obj = None
-        self._pending = b""
-        self._out = memoryview(b"")
-        self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def _fill(self) -> None:
-        while not self._out and not self._eof:
-            data = self._pending or self._src.read(CHUNK)
-            self._pending = b""
+    d = None                                    # None: between members
+    full = False                                # the last call stopped at max_length: output may be pending
+    while True:
+        if not data and not full:
+            data = read(CHUNK)
             if not data:
-                if self._obj is not None:
-                    raise CorruptInput("zstd stream ends in the middle of a frame")
-                self._eof = True
+                if d is not None:
+                    raise EOFError("the gzip stream ends in the middle of a member")
                 return
-            if self._obj is None:
-                if len(data) < 8 and int.from_bytes(data[:4].ljust(4, b"\0"), "little") in ZSTD_SKIPPABLE:
-                    data += self._src.read(8)
-                magic = int.from_bytes(data[:4], "little")
-                if magic in ZSTD_SKIPPABLE and len(data) >= 8:
-                    skip = 8 + int.from_bytes(data[4:8], "little")
-                    while len(data) < skip:
-                        more = self._src.read(skip - len(data))
-                        if not more:
-                            raise CorruptInput("zstd stream ends in a skippable frame")
-                        data += more
-                    self._pending = data[skip:]
-                    continue
-                self._obj = self._dctx.decompressobj()
-            self._out = memoryview(self._obj.decompress(data))
-            if self._obj.eof:
-                self._pending = self._obj.unused_data
-                self._obj = None
+        if d is None:
+            data = data.lstrip(b"\0")
+            if not data:
+                continue
+            if len(data) < 2:
+                data += read(CHUNK)
+            if data[:2] != GZIP_MAGIC:
+                raise ValueError("data after the last gzip member is neither gzip nor zero padding")
+            d = isal_zlib.decompressobj(31)
+        out = d.decompress(data, CHUNK)
+        full = len(out) == CHUNK
+        if d.eof:
+            data, d, full = d.unused_data, None, False
+        else:
+            data = d.unconsumed_tail
+        if out:
+            yield out
+
+
+def _zstd_chunks(data: bytes, read: Read) -> Iterator[bytes]:
+    """Concatenated zstd frames, skippable frames skipped; a frame cut short is an error.
+    (zstandard's `stream_reader` ends silently on a truncated frame, so frames are decoded one
+    `decompressobj` at a time and the last one must reach its end.)"""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+    obj = None
+    while True:
+        if not data:
+            data = read(CHUNK)
+            if not data:
+                if obj is not None:
+                    raise EOFError("the zstd stream ends in the middle of a frame")
+                return
+        if obj is None:
+            while len(data) < 8 and int.from_bytes(data[:4].ljust(4, b"\0"), "little") in ZSTD_SKIPPABLE:
+                more = read(8)
+                if not more:
+                    break
+                data += more
+            if int.from_bytes(data[:4], "little") in ZSTD_SKIPPABLE and len(data) >= 8:
+                skip = 8 + int.from_bytes(data[4:8], "little")
+                while len(data) < skip:
+                    more = read(min(skip - len(data), CHUNK))
+                    if not more:
+                        raise EOFError("the zstd stream ends in a skippable frame")
+                    data += more
+                data = data[skip:]
+                continue
+            obj = dctx.decompressobj()
+        out = obj.decompress(data)
+        data = b""
+        if obj.eof:
+            data, obj = obj.unused_data, None
+        if out:
+            yield out
+
+
+def decoded_chunks(read: Read, what: str = "layer") -> Iterator[bytes]:
+    """The uncompressed bytes of the stream behind `read`, read to its end (so a verifying reader
+    sees every byte). Errors of the stream itself (`read`) pass through; decoder errors become a
+    CorruptInput naming `what`."""
+    head = read(CHUNK)
+    while 0 < len(head) < 4:
+        more = read(CHUNK)
+        if not more:
+            break
+        head += more
+    kind = detect(head)
+    if kind == "none":
+        while head:
+            yield head
+            head = read(CHUNK)
+        return
+    chunks = (_gzip_chunks if kind == "gzip" else _zstd_chunks)(head, read)
+    while True:
+        try:
+            out = next(chunks)
+        except StopIteration:
+            return
+        except CorruptInput:
+            raise
+        except (EOFError, ValueError, MemoryError) as e:
+            raise CorruptInput(f"{what}: cannot decompress: {e}") from None
+        except Exception as e:
+            # isal_zlib.error (IsalError), zstandard.ZstdError: bad data, a CRC or length mismatch
+            if type(e).__name__ in ("IsalError", "ZstdError", "error"):
+                raise CorruptInput(f"{what}: cannot decompress {kind}: {e}") from None
+            raise
+        yield out
+
+
+class ChunkReader(io.RawIOBase):
+    """A readable raw stream over an iterator of bytes chunks."""
+
+    def __init__(self, chunks: Iterator[bytes], on_close: Callable[[], None] | None = None):
+        self._chunks = chunks
+        self._on_close = on_close
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
 
     def readinto(self, b) -> int:
-        self._fill()
-        n = min(len(b), len(self._out))
-        b[:n] = self._out[:n]
-        self._out = self._out[n:]
+        while not self._buf:
+            data = next(self._chunks, None)
+            if data is None:
+                return 0
+            self._buf = memoryview(data)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
         return n
 
     def close(self) -> None:
-        try:
-            self._src.close()
-        finally:
-            super().close()
+        if not self.closed:
+            try:
+                close = getattr(self._chunks, "close", None)
+                if close is not None:
+                    close()
+                if self._on_close is not None:
+                    self._on_close()
+            finally:
+                super().close()
 
 
 def open_decompressed(raw: BinaryIO, what: str = "layer") -> BinaryIO:
-    """Return a buffered reader yielding the uncompressed tar bytes of `raw`."""
-    head = raw.read(4)
-    kind = detect(head)
-    src = io.BufferedReader(_Peek(head, raw), CHUNK)
-    if kind == "gzip":
-        from isal import igzip
-
-        inner = igzip.IGzipFile(fileobj=src, mode="rb")
-    elif kind == "zstd":
-        inner = _ZstdFrames(src)
-    else:
-        return src
-    return io.BufferedReader(_Guard(inner, what), CHUNK)
+    """Return a buffered reader yielding the uncompressed tar bytes of `raw` (closing it closes `raw`)."""
+    return io.BufferedReader(ChunkReader(decoded_chunks(raw.read, what), raw.close), CHUNK)

@@ -75,7 +75,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .compression import CHUNK, open_decompressed
+from .compression import CHUNK, decoded_chunks
 from .entries import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, XATTR_PREFIX, Entry,
                       entry_type_of)
 from .errors import CorruptInput, HpcconvError, UnsafeInput
@@ -224,15 +224,12 @@ _BOMB_HINT = "if the image is genuine, raise the cap with --max-expanded or HPCC
 _BOMB_SLACK = 8 << 20
 
 
-class _Counting(io.RawIOBase):
-    """Hash and count uncompressed bytes (diff_id, decompression-bomb cap)."""
+class _Count:
+    """Count and hash a layer's uncompressed bytes (diff_id, decompression-bomb cap) as they pass."""
 
-    def __init__(self, inner, hasher, cap: int | None, done: int, what: str):
-        self._inner, self.h, self._cap, self.n, self._done, self._what = inner, hasher, cap, 0, done, what
+    def __init__(self, hasher, cap: int | None, done: int, what: str):
+        self.h, self._cap, self.n, self._done, self._what = hasher, cap, 0, done, what
         self.extra = 0
-
-    def readable(self) -> bool:
-        return True
 
     def count_extra(self, n: int) -> None:
         self.extra += n
@@ -243,15 +240,25 @@ class _Counting(io.RawIOBase):
             raise _TooBig(f"{self._what}: expands beyond {self._cap - _BOMB_SLACK} bytes (decompression bomb?)",
                           hint=_BOMB_HINT)
 
-    def readinto(self, b) -> int:
-        data = self._inner.read(len(b))
-        if data:
+    def through(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        h = self.h
+        for data in chunks:
             self.n += len(data)
             self._check()
-            if self.h is not None:
-                self.h.update(data)
-        b[: len(data)] = data
-        return len(data)
+            if h is not None:
+                h.update(data)
+            yield data
+
+
+def _progress_read(raw, task):
+    """raw.read, advancing the progress bar by the compressed bytes read."""
+    read, advance = raw.read, task.advance
+
+    def progress_read(n: int) -> bytes:
+        data = read(n)
+        advance(len(data))
+        return data
+    return progress_read
 
 
 def _members(stream, what: str) -> Iterator[tuple[TarReader, Member]]:
@@ -278,18 +285,19 @@ _HEADER_BUF = 64 << 10
 
 
 class _Prefetch(io.RawIOBase):
-    """Read `inner` in a background thread, a few chunks ahead (bounded memory).
+    """Run a chunk iterator (a layer's decoder, `compression.decoded_chunks`) in a background
+    thread, a few chunks ahead (bounded memory).
 
     Decompression (ISA-L, zstd) and hashing release the GIL, so they overlap with header parsing
     and with the consumer's work. Errors from the thread are raised in the reader."""
 
     _END = object()
 
-    def __init__(self, inner, depth: int = 2, what: str = "layer"):
+    def __init__(self, chunks: Iterator[bytes], depth: int = 2, what: str = "layer"):
         import queue
         import threading
 
-        self._inner, self._what = inner, what
+        self._chunks, self._what = chunks, what
         self._q: "queue.Queue" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._buf = memoryview(b"")
@@ -297,23 +305,29 @@ class _Prefetch(io.RawIOBase):
         self._t = threading.Thread(target=self._run, name="hpcconv-prefetch", daemon=True)
         self._t.start()
 
-    def _run(self) -> None:
+    def _put(self, item) -> bool:
         import queue
 
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
         try:
-            while not self._stop.is_set():
-                data = self._inner.read(CHUNK)
-                item = data if data else self._END
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if not data:
+            for data in self._chunks:
+                if not self._put(data):
                     return
+            self._put(self._END)
         except BaseException as e:              # handed to the reader
             self._q.put(e)
+        finally:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()                         # the generator runs (and is closed) in this thread
 
     def readable(self) -> bool:
         return True
@@ -346,49 +360,7 @@ class _Prefetch(io.RawIOBase):
                     self._q.get_nowait()
                 except Exception:
                     self._t.join(0.05)
-            try:
-                self._inner.close()
-            finally:
-                super().close()
-
-
-class _ToEnd(io.RawIOBase):
-    """The decompressed bytes of a layer; at their end, the rest of the compressed blob is read
-    too (trailing padding or garbage), so that the blob's digest is checked."""
-
-    def __init__(self, dec, raw):
-        self._dec, self._raw = dec, raw
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._dec.read(n)
-        if not data:
-            while self._raw.read(CHUNK):
-                pass
-        return data
-
-    def close(self) -> None:
-        try:
-            self._dec.close()
-        finally:
             super().close()
-
-
-class _Progress(io.RawIOBase):
-    def __init__(self, inner, task):
-        self._inner, self._task = inner, task
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self._inner.read(len(b))
-        if data:
-            self._task.advance(len(data))
-        b[: len(data)] = data
-        return len(data)
 
 
 class _Named(io.RawIOBase):
@@ -571,15 +543,14 @@ class Flattener:
         cnt = pf = None
         ti = None
         try:
-            dec = open_decompressed(_Progress(raw, task), what)
             cap = self.max_expanded
             # the stream-level backstop sits a little above the cap: the prefetch thread runs ahead
             # of the headers, and the per-entry check below should speak first (it can name the entry)
-            cnt = _Counting(dec, hasher_for(diff_id) if diff_id else None,
-                            None if cap is None else cap + _BOMB_SLACK, self.stats["expanded_bytes"], what)
-            # The thread reads to the very end (compressed remainder included), so the blob digest
+            cnt = _Count(hasher_for(diff_id) if diff_id else None,
+                         None if cap is None else cap + _BOMB_SLACK, self.stats["expanded_bytes"], what)
+            # The thread decodes to the very end (compressed remainder included), so the blob digest
             # and the diff_id cover every byte even though the tar ends earlier.
-            pf = _Prefetch(_ToEnd(cnt, raw), what=what)
+            pf = _Prefetch(cnt.through(decoded_chunks(_progress_read(raw, task), what)), what=what)
             stream = io.BufferedReader(pf, _HEADER_BUF)
             ordinal = -1
             for tr, ti in _members(stream, what):
@@ -887,8 +858,8 @@ class Flattener:
         try:
             ordinal = -1
             left = len(want)
-            dec = open_decompressed(raw, what)
-            pf = _Prefetch(_ToEnd(dec, raw) if verify else dec)
+            # decoded_chunks reads `raw` to its end, where a VerifyingReader checks the digest
+            pf = _Prefetch(decoded_chunks(raw.read, what), what=what)
             buffered = io.BufferedReader(pf, _HEADER_BUF)
             members = _members(buffered, what)
             while left:

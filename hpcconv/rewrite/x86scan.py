@@ -10,8 +10,8 @@ next to each other. The result is a hint ("probably needs"), which is why the EL
 
 from __future__ import annotations
 
+import bisect
 import re
-from collections import deque
 
 
 def _cls(pred) -> bytes:
@@ -36,20 +36,24 @@ _VEX3_AT = re.compile(b"\xc4(?=" + _VEX3_B1 + b".)", re.S)
 _VEX2_AT = re.compile(b"\xc5(?=." + _VEX2_OP + b")", re.S)
 
 
-def _vex_starts(buf: bytes) -> list[int]:
-    import heapq
+_start = re.Match.start
 
+
+def _exact_vex(starts: list[int]) -> list[int]:
+    """VEX_RE.finditer's starts from the sorted union of both alternatives' candidate starts:
+    taken left to right without overlap (both alternatives are 3 bytes long)."""
     out: list[int] = []
     end = -1
-    for p in heapq.merge([m.start() for m in _VEX3_AT.finditer(buf)], [m.start() for m in _VEX2_AT.finditer(buf)]):
+    for p in starts:
         if p >= end:
             out.append(p)
             end = p + 3
     return out
 
 
-def _starts(rx, buf: bytes):
-    return _vex_starts(buf) if rx is VEX_RE else (m.start() for m in rx.finditer(buf))
+def _has_cluster(ps: list[int], need: int, span: int) -> bool:
+    """Some `need` consecutive starts of the sorted `ps` lie within `span` bytes."""
+    return len(ps) >= need and any(b - a <= span for a, b in zip(ps, ps[need - 1:]))
 
 # (hits, span): calibrated on Debian 12 binaries without vector code (python3.11, gcc, bash, libmpich,
 # libfabric, libstdc++: no cluster) and on gcc -O3 -march=x86-64-v3/-v4 builds of a small loop (clusters).
@@ -60,24 +64,49 @@ EVEX_MIN_HITS, EVEX_RATE = 3, 500
 _OVERLAP = 3
 
 
-class _Clusters:
-    def __init__(self, hits_span: tuple[int, int]):
-        self.need, self.span = hits_span
-        self.recent: deque[int] = deque()
-        self.count = 0
-        self.hits = 0
-        self._last_cluster_end = -1
+class _Kind:
+    """One encoding's matches: their count, and whether a cluster was seen (`need` matches within
+    `span` bytes). The scan of a kind stops at its first cluster: more bytes cannot change the
+    verdict for it (`probable_level`)."""
 
-    def add(self, pos: int) -> None:
-        self.hits += 1
-        q = self.recent
-        q.append(pos)
-        while q and q[0] < pos - self.span:
-            q.popleft()
-        if len(q) >= self.need and q[0] > self._last_cluster_end:
-            self.count += 1
-            self._last_cluster_end = pos
-            q.clear()
+    def __init__(self, hits_span: tuple[int, int], vex: bool):
+        self.need, self.span = hits_span
+        self.vex = vex
+        self.hits = 0
+        self.count = 0
+        self._recent: list[int] = []          # the last need-1 starts (absolute), for the next piece
+
+    def _starts(self, buf: bytes, limit: int) -> tuple[list[int], bool]:
+        """Starts below `limit`, sorted; and whether they are exact (no overlapping VEX candidates)."""
+        if not self.vex:
+            ps = list(map(_start, EVEX_RE.finditer(buf)))
+            exact = True
+        else:
+            ps = sorted(list(map(_start, _VEX3_AT.finditer(buf))) + list(map(_start, _VEX2_AT.finditer(buf))))
+            exact = False
+        n = bisect.bisect_left(ps, limit)
+        return (ps[:n] if n < len(ps) else ps), exact
+
+    def scan(self, buf: bytes, base: int, limit: int) -> None:
+        """Matches starting in buf[:limit] (buf starts at file offset `base`)."""
+        ps, exact = self._starts(buf, limit)
+        if not ps:
+            return
+        k = self.need - 1
+        # the candidate starts are a superset of the exact ones: no cluster among them, none at all
+        joint = [p - base for p in self._recent] + ps[:k]
+        maybe = _has_cluster(joint, self.need, self.span) or _has_cluster(ps, self.need, self.span)
+        if not exact:
+            if maybe:
+                ps = _exact_vex(ps)
+                joint = [p - base for p in self._recent] + ps[:k]
+                maybe = _has_cluster(joint, self.need, self.span) or _has_cluster(ps, self.need, self.span)
+            else:
+                ps = _exact_vex(ps)
+        self.hits += len(ps)
+        if maybe:
+            self.count = 1
+        self._recent = (self._recent + [base + p for p in ps[-k:]])[-k:]
 
 
 class X86Scanner:
@@ -85,20 +114,20 @@ class X86Scanner:
 
     def __init__(self, scan):
         self.scan = scan
-        self._evex, self._vex = _Clusters(EVEX_CLUSTER), _Clusters(VEX_CLUSTER)
+        self._evex, self._vex = _Kind(EVEX_CLUSTER, vex=False), _Kind(VEX_CLUSTER, vex=True)
         self._tail = b""
         self._tail_off = 0
         self._next: int | None = None
 
     def _open_kinds(self):
-        """The patterns still worth scanning for: one EVEX cluster decides level 4 and one VEX
+        """The encodings still worth scanning for: one EVEX cluster decides level 4 and one VEX
         cluster level 3 (`probable_level`), so once found, more bytes cannot change the verdict
         for that kind and its scan stops (the hit counts then stop too)."""
         if self._evex.count:
             return ()
         if self._vex.count:
-            return ((EVEX_RE, self._evex),)
-        return ((EVEX_RE, self._evex), (VEX_RE, self._vex))
+            return (self._evex,)
+        return (self._evex, self._vex)
 
     def feed(self, offset: int, data: bytes) -> None:
         self.scan.bytes_scanned += len(data)
@@ -110,21 +139,18 @@ class X86Scanner:
         buf = self._tail + data
         base = offset - len(self._tail)
         limit = len(buf) - _OVERLAP        # matches starting here are complete; the rest carries over
-        for rx, cl in kinds:
-            for start in _starts(rx, buf):
-                if start >= limit:         # may be cut short by the chunk end: decided with the next piece
-                    break
-                cl.add(base + start)
+        if limit > 0:
+            for kind in kinds:
+                kind.scan(buf, base, limit)
         cut = max(limit, 0)
         self._tail = buf[cut:]
         self._tail_off = base + cut
         self._next = offset + len(data)
 
     def close(self) -> None:
-        buf, base = self._tail, self._tail_off
-        for rx, cl in self._open_kinds():
-            for start in _starts(rx, buf):
-                cl.add(base + start)
+        if self._tail:
+            for kind in self._open_kinds():
+                kind.scan(self._tail, self._tail_off, len(self._tail))
         self.scan.evex, self.scan.evex_clusters = self._evex.hits, self._evex.count
         self.scan.vex, self.scan.vex_clusters = self._vex.hits, self._vex.count
 

@@ -281,7 +281,10 @@ def _abandon(w: TarWriter) -> None:
 def _write_tar_to(entries: Iterable[Entry], raw: BinaryIO, compression: str | None, level: int | None,
                   reporter: Reporter, what: str) -> int:
     task = reporter.task(what)
-    counted = io.BufferedWriter(_CountingWriter(raw, task), CHUNK)
+    counted = _CountingWriter(raw, task)
+    if compression not in (None, "none"):
+        counted = io.BufferedWriter(counted, CHUNK)     # the compressor writes in small pieces
+    # (uncompressed, the TarWriter gathers small writes into 1 MiB ones itself)
     z, finish = _compressor(counted, compression, level)
     w = TarWriter(z)
     try:

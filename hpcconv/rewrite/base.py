@@ -101,6 +101,27 @@ class _TeeReader(io.RawIOBase):
         self._fed += len(data)
         return data
 
+    def read(self, n: int = -1) -> bytes:
+        """Full reads (tarfile treats short reads as EOF); past the head, the source's bytes are
+        handed on as they are (RawIOBase.read would copy them twice)."""
+        left = self._size - self._pos
+        want = left if n is None or n < 0 else min(n, left)
+        if want <= 0:
+            return b""
+        parts = []
+        got = 0
+        if self._pos < len(self._head):
+            parts.append(self._head[self._pos:self._pos + want])
+            got = len(parts[0])
+        while got < want and self._fed < self._size:
+            chunk = self._pull(min(want - got, self._size - self._fed))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        self._pos += got
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def readinto(self, b) -> int:
         """Fill ``b`` as far as the content goes (full reads: tarfile treats short reads as EOF)."""
         n, done = len(b), 0

@@ -20,6 +20,8 @@ import tarfile
 from dataclasses import dataclass, field, fields
 from typing import BinaryIO, Iterable, Iterator
 
+from .tarread import byte_sum
+
 FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO = "file", "dir", "symlink", "hardlink", "char", "block", "fifo"
 
 _TAR_TYPES = {
@@ -193,7 +195,7 @@ def _header(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, t
         dev,
         bytes(167),
     ))
-    return b"%s%06o\0%s" % (buf[:148], sum(buf), buf[155:])
+    return b"%s%06o\0%s" % (buf[:148], byte_sum(buf), buf[155:])
 
 
 def tar_header(e: Entry, prefix: str = "") -> bytes:

@@ -9,6 +9,7 @@ same fields flatten needs, and reads a member's content (expanded when sparse) o
 from __future__ import annotations
 
 from typing import BinaryIO, Iterator
+from zlib import adler32
 
 from .errors import CorruptInput
 
@@ -23,6 +24,12 @@ _HEADER_ONLY = (LNK, SYM, CHR, BLK, DIR, FIFO)      # never followed by data, wh
 _LOW = bytes(range(128))
 _MAX_META = 16 << 20          # extended headers (PAX, long names) for one member beyond this are hostile
 _MAX_SPARSE = 1 << 20         # sparse map entries for one member
+
+
+def byte_sum(b: bytes) -> int:
+    """sum(b) for a header block (at most 512 bytes), in C: adler32's low half is 1 + the byte sum
+    modulo 65521, and 256 bytes sum to at most 65280, so each half of the block is exact."""
+    return (adler32(b[:256]) & 0xFFFF) + (adler32(b[256:]) & 0xFFFF) - 2
 
 
 def _str(b: bytes) -> str:
@@ -205,7 +212,7 @@ class TarReader:
             raise CorruptInput("tar stream ends inside a header")
         chk = block[148:156]
         stored = _num(chk)
-        unsigned = sum(block) - sum(chk) + 8 * 32
+        unsigned = byte_sum(block) - sum(chk) + 8 * 32
         if stored != unsigned:
             # some old tars summed signed chars
             high = len(block.translate(None, _LOW)) - len(chk.translate(None, _LOW))

@@ -67,7 +67,8 @@ _OVERLAP = 3
 class _Kind:
     """One encoding's matches: their count, and whether a cluster was seen (`need` matches within
     `span` bytes). The scan of a kind stops at its first cluster: more bytes cannot change the
-    verdict for it (`probable_level`)."""
+    verdict for it (`probable_level`). Matches are VEX_RE's / EVEX_RE's over the whole segment,
+    left to right without overlap, also across the pieces it arrives in."""
 
     def __init__(self, hits_span: tuple[int, int], vex: bool):
         self.need, self.span = hits_span
@@ -75,36 +76,28 @@ class _Kind:
         self.hits = 0
         self.count = 0
         self._recent: list[int] = []          # the last need-1 starts (absolute), for the next piece
-
-    def _starts(self, buf: bytes, limit: int) -> tuple[list[int], bool]:
-        """Starts below `limit`, sorted; and whether they are exact (no overlapping VEX candidates)."""
-        if not self.vex:
-            ps = list(map(_start, EVEX_RE.finditer(buf)))
-            exact = True
-        else:
-            ps = sorted(list(map(_start, _VEX3_AT.finditer(buf))) + list(map(_start, _VEX2_AT.finditer(buf))))
-            exact = False
-        n = bisect.bisect_left(ps, limit)
-        return (ps[:n] if n < len(ps) else ps), exact
+        self._end = 0                         # where the last match ended (absolute)
 
     def scan(self, buf: bytes, base: int, limit: int) -> None:
         """Matches starting in buf[:limit] (buf starts at file offset `base`)."""
-        ps, exact = self._starts(buf, limit)
+        lo = max(0, self._end - base)
+        if not self.vex:
+            ps = list(map(_start, EVEX_RE.finditer(buf, lo)))
+        else:
+            # candidates of both alternatives, sorted: a superset of the matches
+            ps = sorted(list(map(_start, _VEX3_AT.finditer(buf, lo))) + list(map(_start, _VEX2_AT.finditer(buf, lo))))
+        n = bisect.bisect_left(ps, limit)
+        if n < len(ps):
+            ps = ps[:n]
+        if self.vex:
+            ps = _exact_vex(ps)
         if not ps:
             return
-        k = self.need - 1
-        # the candidate starts are a superset of the exact ones: no cluster among them, none at all
-        joint = [p - base for p in self._recent] + ps[:k]
-        maybe = _has_cluster(joint, self.need, self.span) or _has_cluster(ps, self.need, self.span)
-        if not exact:
-            if maybe:
-                ps = _exact_vex(ps)
-                joint = [p - base for p in self._recent] + ps[:k]
-                maybe = _has_cluster(joint, self.need, self.span) or _has_cluster(ps, self.need, self.span)
-            else:
-                ps = _exact_vex(ps)
         self.hits += len(ps)
-        if maybe:
+        self._end = base + ps[-1] + (3 if self.vex else 4)
+        k = self.need - 1
+        joint = [p - base for p in self._recent] + ps[:k]
+        if _has_cluster(joint, self.need, self.span) or _has_cluster(ps, self.need, self.span):
             self.count = 1
         self._recent = (self._recent + [base + p for p in ps[-k:]])[-k:]
 

@@ -371,6 +371,7 @@ def _squashfs_into(entries: Iterable[Entry], tmp: Path, offset: int, compression
     dropped: list[str] = []
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        sinks.widen_pipe(proc.stdin)
         n = 0
         try:
             n = sinks._write_tar_to(sinks._sqfs_entries(entries, dropped), proc.stdin, None, None, reporter,

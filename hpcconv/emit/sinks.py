@@ -358,6 +358,19 @@ def _sqfs_entries(entries: Iterable[Entry], dropped: list[str]) -> Iterator[Entr
         yield e
 
 
+def widen_pipe(f) -> None:
+    """Give the pipe into a SquashFS builder 1 MiB instead of 64 KiB (best effort: the limit is
+    /proc/sys/fs/pipe-max-size for non-root). With the default the writer and the builder wake each
+    other every 64 KiB; measured on the benchmark image, cold registry -> zstd SquashFS took about
+    12 s instead of 14 s (median of 6 interleaved runs each, 2 vCPUs)."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(f.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), CHUNK)
+    except OSError:
+        pass
+
+
 def write_squashfs(entries: Iterable[Entry], path: Path | str, compression: str = "gzip",
                    reporter: Reporter = NULL, level: int | None = None, block_size: int = BLOCK_SIZE,
                    force: bool = False) -> int:
@@ -368,6 +381,7 @@ def write_squashfs(entries: Iterable[Entry], path: Path | str, compression: str 
         cmd = squashfs_command(tmp, compression, level, block_size)
         with tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+            widen_pipe(proc.stdin)
             n = 0
             try:
                 n = _write_tar_to(_sqfs_entries(entries, dropped), proc.stdin, None, None, reporter,

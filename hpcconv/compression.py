@@ -105,8 +105,9 @@ def _zstd_chunks(data: bytes, read: Read) -> Iterator[bytes]:
 
 def decoded_chunks(read: Read, what: str = "layer") -> Iterator[bytes]:
     """The uncompressed bytes of the stream behind `read`, read to its end (so a verifying reader
-    sees every byte). Errors of the stream itself (`read`) pass through; decoder errors become a
-    CorruptInput naming `what`."""
+    sees every byte). A CorruptInput or OSError of the stream itself (`read`) passes through;
+    decoder errors (bad data, CRC or length mismatch, a stream cut short) become a CorruptInput
+    naming `what`."""
     head = read(CHUNK)
     while 0 < len(head) < 4:
         more = read(CHUNK)

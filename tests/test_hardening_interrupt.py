@@ -212,7 +212,10 @@ def test_sigkill_during_bundle_import_then_rerun(big_image, henv, store_dir, tmp
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_convert_cleans_up(sig, code, big_image, henv, tmp_path):
     """The signal goes to hpcconv only (not its process group), while tar2sqfs is running: hpcconv
-    kills it, removes the temporary, says so in one line and exits 130 (143 for SIGTERM) promptly."""
+    kills it, removes the temporary, says so in one line and exits 130 (143 for SIGTERM) promptly.
+    hpcconv is stopped (SIGSTOP) as soon as tar2sqfs is seen and the signal sent while it is stopped,
+    so it is pending when the conversion resumes: a fast conversion cannot finish first (one of
+    this small image did, within the 0.3 s this test used to wait)."""
     need("tar2sqfs")
     img, lay = big_image
     outdir = tmp_path / "out"
@@ -230,9 +233,10 @@ def test_signal_during_convert_cleans_up(sig, code, big_image, henv, tmp_path):
             break
         time.sleep(0.01)
     assert kids, "tar2sqfs never started"
-    time.sleep(0.3)
+    os.kill(p.pid, signal.SIGSTOP)
     t1 = time.monotonic()
     p.send_signal(sig)
+    os.kill(p.pid, signal.SIGCONT)
     _, err = p.communicate(timeout=30)
     took = time.monotonic() - t1
     assert p.returncode == code, err

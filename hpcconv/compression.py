@@ -19,6 +19,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
 CHUNK = 1 << 20
+_ZSTD_PIECE = 2048
 
 Read = Callable[[int], bytes]
 
@@ -95,12 +96,19 @@ def _zstd_chunks(data: bytes, read: Read) -> Iterator[bytes]:
                 data = data[skip:]
                 continue
             obj = dctx.decompressobj()
-        out = obj.decompress(data)
+        # 4 bytes of zstd can stand for a 128 KiB block (RLE), so one call on a whole chunk could
+        # return gigabytes (a decompression bomb, before any cap sees it): small pieces bound each
+        # output to _ZSTD_PIECE * 32 KiB (64 MiB) at no measurable cost
+        view = memoryview(data)
         data = b""
-        if obj.eof:
-            data, obj = obj.unused_data, None
-        if out:
-            yield out
+        for pos in range(0, len(view), _ZSTD_PIECE):
+            out = obj.decompress(view[pos:pos + _ZSTD_PIECE])
+            if obj.eof:
+                data, obj = obj.unused_data + view[pos + _ZSTD_PIECE:].tobytes(), None
+            if out:
+                yield out
+            if obj is None:
+                break
 
 
 def decoded_chunks(read: Read, what: str = "layer") -> Iterator[bytes]:

@@ -3,9 +3,9 @@
 The media type is a hint only: registries and tools mislabel layers, so the first bytes decide.
 
 `decoded_chunks` is the one decoder: it pulls compressed bytes through a `read(n)` function and
-yields the uncompressed bytes in chunks of at most CHUNK (gzip; a zstd frame's output comes in one
-piece per input chunk), one copy each, with no stream wrappers in between: the flatten's prefetch
-thread runs it directly, `open_decompressed` wraps it in a file object.
+yields the uncompressed bytes in bounded chunks (gzip: at most CHUNK; zstd: at most 64 MiB, what
+2 KiB of input can expand to), one copy each, with no stream wrappers in between: the flatten's
+prefetch thread runs it directly, `open_decompressed` wraps it in a file object.
 """
 
 from __future__ import annotations

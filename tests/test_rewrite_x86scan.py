@@ -119,3 +119,21 @@ def test_gcc_vector_loops(tmp_path, march, level):
     out = tmp_path / "loop"
     subprocess.run(["gcc", "-O3", f"-march={march}", "-o", str(out), str(src)], check=True, capture_output=True)
     assert check(_text(out)) == level
+
+
+def test_segments_do_not_combine_even_out_of_order():
+    """Two segments fed out of file order (an odd ELF), each with half a cluster: no cluster, and no
+    match of the second is skipped because the first ended further on; the same two pieces fed as
+    one contiguous segment make the cluster."""
+    vex3 = b"\xc4\xe2\x79\x90\x90"
+    a, b = bytes(200) + vex3 * 4, vex3 * 4 + bytes(200)     # 4 VEX matches each: half a cluster
+    for first, second in ((4096, 4096 + len(a)), (100_000, 4096)):
+        scan = IsaScan()
+        x = X86Scanner(scan)
+        x.feed(first, a)
+        x.feed(second, b)
+        x.close()
+        if second == first + len(a):
+            assert probable_level(scan) == 3
+        else:
+            assert probable_level(scan) == 1 and scan.vex == 8, (scan.vex, scan.vex_clusters)

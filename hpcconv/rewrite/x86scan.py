@@ -78,6 +78,12 @@ class _Kind:
         self._recent: list[int] = []          # the last need-1 starts (absolute), for the next piece
         self._end = 0                         # where the last match ended (absolute)
 
+    def new_segment(self) -> None:
+        """Matches and clusters do not reach across segments (which may even come out of order in
+        an odd ELF file)."""
+        self._recent = []
+        self._end = 0
+
     def scan(self, buf: bytes, base: int, limit: int) -> None:
         """Matches starting in buf[:limit] (buf starts at file offset `base`)."""
         lo = max(0, self._end - base)
@@ -129,6 +135,8 @@ class X86Scanner:
             return
         if self._next != offset:          # a new segment: no carry-over between segments
             self._tail = b""
+            for kind in kinds:
+                kind.new_segment()
         buf = self._tail + data
         base = offset - len(self._tail)
         limit = len(buf) - _OVERLAP        # matches starting here are complete; the rest carries over

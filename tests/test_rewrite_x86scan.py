@@ -1,7 +1,7 @@
 """The streaming x86 scan (rewrite.x86scan) against a plain reference over the whole segment.
 
-The scanner sees a segment in pieces (as the tar content streams) and finds match starts in C,
-clusters over sorted start lists and VEX overlaps only where a cluster may be; the reference here
+The scanner sees a segment in pieces (as the tar content streams), finds match starts in C and
+resolves VEX overlaps and clusters over sorted start lists; the reference here
 takes every VEX_RE / EVEX_RE match of the whole segment at once and slides a window over them.
 Both must agree whatever the piece sizes (clusters and matches that straddle a piece boundary
 included), on host binaries, on gcc-built vector loops and on random bytes with planted clusters."""

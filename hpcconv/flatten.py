@@ -75,7 +75,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .compression import CHUNK, decoded_chunks
+from .compression import CHUNK, ChunkReader, decoded_chunks
 from .entries import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, XATTR_PREFIX, Entry,
                       entry_type_of)
 from .errors import CorruptInput, HpcconvError, UnsafeInput
@@ -284,9 +284,9 @@ def _members(stream, what: str) -> Iterator[tuple[TarReader, Member]]:
 _HEADER_BUF = 64 << 10
 
 
-class _Prefetch(io.RawIOBase):
+class _Prefetch(ChunkReader):
     """Run a chunk iterator (a layer's decoder, `compression.decoded_chunks`) in a background
-    thread, a few chunks ahead (bounded memory).
+    thread, a few chunks ahead (bounded memory), and read its chunks.
 
     Decompression (ISA-L, zstd) and hashing release the GIL, so they overlap with header parsing
     and with the consumer's work. Errors from the thread are raised in the reader."""
@@ -297,11 +297,10 @@ class _Prefetch(io.RawIOBase):
         import queue
         import threading
 
-        self._chunks, self._what = chunks, what
+        self._source, self._what = chunks, what
         self._q: "queue.Queue" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._buf = memoryview(b"")
-        self._done = False
+        super().__init__(self._received())
         self._t = threading.Thread(target=self._run, name="hpcconv-prefetch", daemon=True)
         self._t.start()
 
@@ -318,39 +317,29 @@ class _Prefetch(io.RawIOBase):
 
     def _run(self) -> None:
         try:
-            for data in self._chunks:
+            for data in self._source:
                 if not self._put(data):
                     return
             self._put(self._END)
         except BaseException as e:              # handed to the reader
             self._q.put(e)
         finally:
-            close = getattr(self._chunks, "close", None)
+            close = getattr(self._source, "close", None)
             if close is not None:
                 close()                         # the generator runs (and is closed) in this thread
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if not self._buf:
-            if self._done:
-                return 0
+    def _received(self) -> Iterator[bytes]:
+        """The thread's chunks, in the reader's thread; after an error, the end."""
+        while True:
             item = self._q.get()
             if item is self._END:
-                self._done = True
-                return 0
+                return
             if isinstance(item, BaseException):
-                self._done = True
                 if isinstance(item, (OSError, EOFError, ValueError)) and not isinstance(item, HpcconvError):
                     # raised where the content is read, maybe by a sink: say which layer is bad
                     raise CorruptInput(f"{self._what}: cannot read layer: {item}") from None
                 raise item
-            self._buf = memoryview(item)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+            yield item
 
     def close(self) -> None:
         if not self.closed:

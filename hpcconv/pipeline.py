@@ -52,8 +52,7 @@ def open_for_profile(source: str, opts, profile) -> tuple[Image, Check | None]:
             raise first from None
         c = check_platform(other.platform, profile, _available(other))
         if c.status != FAIL:
-            if other.downloads is not None:
-                other.downloads.abort()
+            _stop_downloads(other)
             raise first
         return other, c
     return img, check_platform(img.platform, profile, _available(img))
@@ -88,7 +87,8 @@ def downloads_of(img: Image):
 
 
 def _stop_downloads(img: Image) -> None:
-    """The image does not fit the site: its layers are not needed (none was fetched for nothing)."""
+    """The image will not be read (it does not fit the site, or it was only opened to say what it
+    is): the layers still downloading are not needed."""
     if img.downloads is not None:
         img.downloads.abort()
 

@@ -124,19 +124,9 @@ class _TeeReader(io.RawIOBase):
 
     def readinto(self, b) -> int:
         """Fill ``b`` as far as the content goes (full reads: tarfile treats short reads as EOF)."""
-        n, done = len(b), 0
-        if self._pos < len(self._head):
-            chunk = self._head[self._pos:self._pos + n]
-            b[:len(chunk)] = chunk
-            done = len(chunk)
-        while done < n and self._fed < self._size:
-            chunk = self._pull(min(n - done, self._size - self._fed))
-            if not chunk:
-                break
-            b[done:done + len(chunk)] = chunk
-            done += len(chunk)
-        self._pos += done
-        return done
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
 
     def finish(self) -> None:
         """Drain the rest through the scanners (if any) and close them."""

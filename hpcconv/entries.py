@@ -20,7 +20,7 @@ import tarfile
 from dataclasses import dataclass, field, fields
 from typing import BinaryIO, Iterable, Iterator
 
-from .tarread import byte_sum
+from .tarread import byte_sum, native
 
 FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO = "file", "dir", "symlink", "hardlink", "char", "block", "fifo"
 
@@ -181,9 +181,10 @@ def _pax_records(pax: dict[str, str]) -> bytes:
 BLOCK_SIZE_TAR = 512
 
 
-def _header(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, typeflag: bytes,
-            linkname: bytes, uname: bytes, gname: bytes, dev: bytes) -> bytes:
-    """One ustar header block (fields already range-checked and encoded)."""
+def _ustar_py(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, typeflag: bytes,
+              linkname: bytes, uname: bytes, gname: bytes, dev: bytes) -> bytes:
+    """One ustar header block (fields already range-checked and encoded); `native.ustar` formats
+    the same block in C."""
     buf = b"".join((
         name[:100].ljust(100, _NUL),
         b"%07o\0%07o\0%07o\0%011o\0%011o\0        " % (mode, uid, gid, size, mtime),
@@ -196,6 +197,9 @@ def _header(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, t
         bytes(167),
     ))
     return b"%s%06o\0%s" % (buf[:148], byte_sum(buf), buf[155:])
+
+
+_header = native.ustar if native is not None else _ustar_py
 
 
 def tar_header(e: Entry, prefix: str = "") -> bytes:

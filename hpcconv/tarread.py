@@ -8,10 +8,26 @@ same fields flatten needs, and reads a member's content (expanded when sparse) o
 
 from __future__ import annotations
 
+import os
 from typing import BinaryIO, Iterator
 from zlib import adler32
 
 from .errors import CorruptInput
+
+
+def _load_native():
+    """The optional C module (hpcconv/_native.c), unless HPCCONV_NO_NATIVE is set."""
+    if os.environ.get("HPCCONV_NO_NATIVE"):
+        return None
+    try:
+        from . import _native
+    except ImportError:
+        return None
+    return _native
+
+
+native = _load_native()
+_native_fields = native.fields if native is not None else None
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -204,12 +220,18 @@ class TarReader:
     def content(self, m: Member) -> _Content:
         return _Content(self, m)
 
-    def _header(self) -> bytes | None:
+    def _header(self) -> tuple[bytes, tuple | None] | tuple[None, None]:
+        """The next header block and, where the C module parsed it, its fields (see _native.c);
+        (None, None) at the end."""
         block = self._read(BLOCK)
         if not block or block == ZERO_BLOCK:
-            return None                                  # end of archive (or an empty stream)
+            return None, None                            # end of archive (or an empty stream)
         if len(block) != BLOCK:
             raise CorruptInput("tar stream ends inside a header")
+        if _native_fields is not None:
+            f = _native_fields(block)
+            if f is not None:
+                return block, f
         chk = block[148:156]
         stored = _num(chk)
         unsigned = byte_sum(block) - sum(chk) + 8 * 32
@@ -218,7 +240,7 @@ class TarReader:
             high = len(block.translate(None, _LOW)) - len(chk.translate(None, _LOW))
             if stored != unsigned - 256 * high:
                 raise CorruptInput(f"bad tar header checksum at offset {self.offset - BLOCK}")
-        return block
+        return block, None
 
     def _next(self) -> Member | None:
         pax: dict[str, str] = {}
@@ -226,13 +248,13 @@ class TarReader:
         longname = longlink = None
         self._meta = 0
         while True:
-            block = self._header()
+            block, f = self._header()
             if block is None:
                 if pax or longname is not None or longlink is not None:
                     raise CorruptInput("tar stream ends after an extended header")
                 return None
             t = block[156:157]
-            size = _num(block[124:136])
+            size = f[1] if f else _num(block[124:136])
             if size < 0:
                 raise CorruptInput("negative member size in a tar header")
             if t in _META:
@@ -251,26 +273,30 @@ class TarReader:
                 continue
             break
         m = Member()
-        magic = block[257:265]
-        name = _cstr(block[0:100])
-        if magic[:6] == b"ustar\0":
-            prefix = _cstr(block[345:500])
-            if prefix:
-                name = prefix + b"/" + name
         if self._global:
             pax = {**self._global, **pax}
-        m.name = pax["path"] if "path" in pax else _str(longname if longname is not None else name)
+        if f and not pax:                      # the common case, parsed in C (the same values)
+            _, _, name, m.mode, m.uid, m.gid, m.mtime, link, m.devmajor, m.devminor = f
+            m.name = _str(longname if longname is not None else name)
+            m.linkname = _str(longlink if longlink is not None else link)
+        else:
+            name = _cstr(block[0:100])
+            if block[257:263] == b"ustar\0":
+                prefix = _cstr(block[345:500])
+                if prefix:
+                    name = prefix + b"/" + name
+            m.name = pax["path"] if "path" in pax else _str(longname if longname is not None else name)
+            m.mode = _num(block[100:108]) & 0o7777
+            m.uid = int(pax["uid"]) if "uid" in pax else _num(block[108:116])
+            m.gid = int(pax["gid"]) if "gid" in pax else _num(block[116:124])
+            m.mtime = _pax_float(pax["mtime"]) if "mtime" in pax else _num(block[136:148])
+            if "size" in pax:
+                size = int(pax["size"])
+            m.linkname = (pax["linkpath"] if "linkpath" in pax else
+                          _str(longlink if longlink is not None else _cstr(block[157:257])))
+            m.devmajor = _num(block[329:337]) if t in (CHR, BLK) else 0
+            m.devminor = _num(block[337:345]) if t in (CHR, BLK) else 0
         m.type = t
-        m.mode = _num(block[100:108]) & 0o7777
-        m.uid = int(pax["uid"]) if "uid" in pax else _num(block[108:116])
-        m.gid = int(pax["gid"]) if "gid" in pax else _num(block[116:124])
-        m.mtime = _pax_float(pax["mtime"]) if "mtime" in pax else _num(block[136:148])
-        if "size" in pax:
-            size = int(pax["size"])
-        m.linkname = (pax["linkpath"] if "linkpath" in pax else
-                      _str(longlink if longlink is not None else _cstr(block[157:257])))
-        m.devmajor = _num(block[329:337]) if t in (CHR, BLK) else 0
-        m.devminor = _num(block[337:345]) if t in (CHR, BLK) else 0
         m.pax_headers = pax
         if t in _HEADER_ONLY or (t == AREG and m.name.endswith("/")):
             size = 0

@@ -15,6 +15,10 @@ pkgs=(docker.io docker-registry charliecloud squashfs-tools squashfs-tools-ng sq
       gcc libc6-dev libopenmpi-dev openmpi-bin libmpich-dev mpich libfabric1 libibverbs1 ibverbs-providers
       rdma-core libpsm2-2 libucx0
       debootstrap)  # third line: the Debian 12 base image of the recipe build tests (tests/debianbase.py)  # second line: real MPI/fabric files for the rewrite-pass tests
+# the C speed-ups (hpcconv/_native.c, built by pip below) need the headers of the Python that runs hpcconv
+if [ ! -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then
+  pkgs+=(python3-dev)
+fi
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then

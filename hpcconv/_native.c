@@ -1,0 +1,194 @@
+/* hpcconv._native: the per-entry tar header work of the conversion, in C.
+ *
+ * Optional: setup.py builds it when a C compiler is there; without it hpcconv runs the pure-Python
+ * code in tarread.py / entries.py, which stays the reference (tests/test_native.py compares the two
+ * on generated and corrupted headers). HPCCONV_NO_NATIVE=1 makes hpcconv ignore the module.
+ *
+ *   fields(block) -> (typeflag, size, name, mode, uid, gid, mtime, linkname, devmajor, devminor) | None
+ *       One 512-byte tar header block whose checksum and numeric fields are in the plain form
+ *       (octal digits after optional spaces, ended by NULs/spaces): the values tarread's Python
+ *       parser gives for it. Anything else (base-256 numbers, a signed-char checksum, a bad
+ *       checksum, odd digits) gives None, and the Python parser decides (and names the error).
+ *
+ *   ustar(name, mode, uid, gid, size, mtime, typeflag, linkname, uname, gname, dev) -> bytes
+ *       The ustar header block that entries._header formats from the same arguments.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#define BLOCK 512
+
+/* Octal digits after optional spaces, then only NULs and spaces to the end of the field.
+   Returns 1 and the value, or 0 (not this plain form: the caller defers to Python). */
+static int
+plain_octal(const unsigned char *p, Py_ssize_t n, long long *out)
+{
+    Py_ssize_t i = 0;
+    long long v = 0;
+    while (i < n && p[i] == ' ')
+        i++;
+    while (i < n && p[i] >= '0' && p[i] <= '7') {
+        v = v * 8 + (p[i] - '0');
+        i++;
+    }
+    for (; i < n; i++)
+        if (p[i] != 0 && p[i] != ' ')
+            return 0;
+    *out = v;
+    return 1;
+}
+
+static Py_ssize_t
+cstr_len(const unsigned char *p, Py_ssize_t n)
+{
+    const unsigned char *z = memchr(p, 0, (size_t)n);
+    return z ? (Py_ssize_t)(z - p) : n;
+}
+
+static PyObject *
+native_fields(PyObject *module, PyObject *arg)
+{
+    Py_buffer view;
+    PyObject *result = NULL, *name = NULL, *link = NULL;
+    long long chk, size, mode, uid, gid, mtime, major = 0, minor = 0;
+
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len != BLOCK) {
+        PyErr_SetString(PyExc_ValueError, "a tar header block is 512 bytes");
+        goto done;
+    }
+    const unsigned char *b = view.buf;
+
+    /* the unsigned byte sum with the checksum field read as spaces */
+    if (!plain_octal(b + 148, 8, &chk))
+        goto defer;
+    long long sum = 8 * ' ';
+    for (int i = 0; i < BLOCK; i++)
+        if (i < 148 || i >= 156)
+            sum += b[i];
+    if (sum != chk)
+        goto defer;
+
+    unsigned char t = b[156];
+    if (!plain_octal(b + 124, 12, &size) || !plain_octal(b + 100, 8, &mode) ||
+        !plain_octal(b + 108, 8, &uid) || !plain_octal(b + 116, 8, &gid) ||
+        !plain_octal(b + 136, 12, &mtime))
+        goto defer;
+    if (t == '3' || t == '4') {
+        if (!plain_octal(b + 329, 8, &major) || !plain_octal(b + 337, 8, &minor))
+            goto defer;
+    }
+
+    Py_ssize_t nlen = cstr_len(b, 100);
+    Py_ssize_t plen = memcmp(b + 257, "ustar\0", 6) == 0 ? cstr_len(b + 345, 155) : 0;
+    if (plen) {
+        name = PyBytes_FromStringAndSize(NULL, plen + 1 + nlen);
+        if (name == NULL)
+            goto done;
+        char *s = PyBytes_AS_STRING(name);
+        memcpy(s, b + 345, (size_t)plen);
+        s[plen] = '/';
+        memcpy(s + plen + 1, b, (size_t)nlen);
+    } else {
+        name = PyBytes_FromStringAndSize((const char *)b, nlen);
+        if (name == NULL)
+            goto done;
+    }
+    link = PyBytes_FromStringAndSize((const char *)b + 157, cstr_len(b + 157, 100));
+    if (link == NULL)
+        goto done;
+    result = Py_BuildValue("(y#LOLLLLOLL)", (const char *)&b[156], (Py_ssize_t)1, size, name,
+                           mode & 07777, uid, gid, mtime, link, major, minor);
+    goto done;
+defer:
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(name);
+    Py_XDECREF(link);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* "%0*o\0" of v into exactly width+1 bytes; 0 when it does not fit */
+static int
+put_octal(char *p, int width, long long v)
+{
+    if (v < 0)
+        return 0;
+    for (int i = width - 1; i >= 0; i--) {
+        p[i] = (char)('0' + (v & 7));
+        v >>= 3;
+    }
+    p[width] = 0;
+    return v == 0;
+}
+
+static void
+put_field(char *p, Py_ssize_t width, const Py_buffer *v)
+{
+    Py_ssize_t n = v->len < width ? v->len : width;
+    memcpy(p, v->buf, (size_t)n);   /* the rest of the block is zeroed already */
+}
+
+static PyObject *
+native_ustar(PyObject *module, PyObject *args)
+{
+    Py_buffer name, type, link, uname, gname, dev;
+    long long mode, uid, gid, size, mtime;
+    PyObject *result = NULL;
+
+    if (!PyArg_ParseTuple(args, "y*LLLLLy*y*y*y*y*:ustar", &name, &mode, &uid, &gid, &size, &mtime,
+                          &type, &link, &uname, &gname, &dev))
+        return NULL;
+    if (type.len != 1 || dev.len != 16) {
+        PyErr_SetString(PyExc_ValueError, "typeflag is 1 byte and the device fields 16");
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(NULL, BLOCK);
+    if (result == NULL)
+        goto done;
+    char *h = PyBytes_AS_STRING(result);
+    memset(h, 0, BLOCK);
+    put_field(h, 100, &name);
+    if (!put_octal(h + 100, 7, mode) || !put_octal(h + 108, 7, uid) || !put_octal(h + 116, 7, gid) ||
+        !put_octal(h + 124, 11, size) || !put_octal(h + 136, 11, mtime)) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_ValueError, "overflow in number field");
+        goto done;
+    }
+    memset(h + 148, ' ', 8);
+    h[156] = ((const char *)type.buf)[0];
+    put_field(h + 157, 100, &link);
+    memcpy(h + 257, "ustar\0" "00", 8);
+    put_field(h + 265, 32, &uname);
+    put_field(h + 297, 32, &gname);
+    memcpy(h + 329, dev.buf, 16);
+    unsigned long sum = 0;
+    for (int i = 0; i < BLOCK; i++)
+        sum += (unsigned char)h[i];
+    put_octal(h + 148, 6, (long long)sum);   /* at most 512 * 255 < 8**6; byte 155 stays a space */
+done:
+    PyBuffer_Release(&name);
+    PyBuffer_Release(&type);
+    PyBuffer_Release(&link);
+    PyBuffer_Release(&uname);
+    PyBuffer_Release(&gname);
+    PyBuffer_Release(&dev);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"fields", native_fields, METH_O, "Parse a plain tar header block (see the module source), or None."},
+    {"ustar", native_ustar, METH_VARARGS, "Format a ustar header block like entries._header."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, 0, methods};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,198 @@
+"""The optional C module (hpcconv/_native.c) against the pure-Python code it stands in for.
+
+* `fields`: a tar stream parsed with the C fast path and without it gives the same members, or the
+  same error, for headers written by tarfile (ustar, GNU, PAX; long names, devices, big numbers)
+  and for generated blocks with odd number fields and checksums (spaces, NULs, garbage, base-256,
+  the signed-char sum, a wrong sum); the C path must take the plain headers (not defer them all).
+* `ustar`: the same bytes as `entries._ustar_py` for any field contents, and tarfile reads back
+  what was formatted (an independent reader).
+
+CI builds the module (setup.py); under HPCCONV_REQUIRE_ALL=1 a missing build is a failure.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+
+from hpcconv import entries, tarread
+from hpcconv.errors import CorruptInput
+
+native = tarread.native
+if native is None:
+    if os.environ.get("HPCCONV_REQUIRE_ALL") == "1" and not os.environ.get("HPCCONV_NO_NATIVE"):
+        pytest.fail("hpcconv._native is not built (pip install -e . with gcc and the Python headers)",
+                    pytrace=False)
+    pytest.skip("hpcconv._native is not built (or HPCCONV_NO_NATIVE is set)", allow_module_level=True)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+N = int(os.environ.get("HPCCONV_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=N, deadline=None, database=None, derandomize=True,
+                suppress_health_check=list(HealthCheck))
+
+
+def _members(data: bytes, use_native: bool, monkeypatch):
+    """[(name, type, mode, uid, gid, mtime, size, linkname, devmajor, devminor, pax)] or the error."""
+    monkeypatch.setattr(tarread, "_native_fields", native.fields if use_native else None)
+    out = []
+    try:
+        for m in tarread.TarReader(io.BytesIO(data)):
+            out.append((m.name, m.type, m.mode, m.uid, m.gid, m.mtime, m.size, m.linkname, m.devmajor,
+                        m.devminor, dict(m.pax_headers), m.sparse))
+    except CorruptInput as e:
+        out.append(("error", e.message))
+    return out
+
+
+def _tar(fmt: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape") as tf:
+        def add(name, kind=tarfile.REGTYPE, data=b"", **kw):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.size = kind, len(data)
+            for k, v in kw.items():
+                setattr(ti, k, v)
+            tf.addfile(ti, io.BytesIO(data) if data else None)
+        add("etc/passwd", data=b"root:x:0:0\n", mode=0o644, uid=0, gid=0, mtime=1700000000)
+        add("usr", tarfile.DIRTYPE, mode=0o755)
+        add("usr/" + "d" * 90 + "/" + "f" * 60, data=b"x")               # ustar prefix split / long name
+        if fmt != tarfile.USTAR_FORMAT:
+            add("a" * 130, data=b"long")                                    # GNU longname or PAX path
+            add("lnk", tarfile.SYMTYPE, linkname="t" * 120)
+        add("hard", tarfile.LNKTYPE, linkname="etc/passwd")
+        add("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666)
+        add("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0)
+        add("fifo", tarfile.FIFOTYPE)
+        add("setuid", data=b"s", mode=0o4755, uid=1000, gid=1000)
+        add("bigid", data=b"b", uid=0o7777777, gid=3, mtime=0o77777777777)
+        add("caf\u00e9/na\u00efve", data=b"u")
+        if fmt != tarfile.USTAR_FORMAT:
+            add("huge-uid", data=b"h", uid=1 << 40, mtime=1.5)              # base-256 (GNU) or PAX
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["ustar", "gnu", "pax"])
+def test_tarfile_streams_parse_the_same_with_and_without_c(fmt, monkeypatch):
+    data = _tar(fmt)
+    fast = _members(data, True, monkeypatch)
+    slow = _members(data, False, monkeypatch)
+    assert fast == slow
+    assert all(m[0] != "error" for m in fast)
+    # and the fast path really takes the plain headers
+    blocks = [data[i:i + 512] for i in range(0, 512 * 4, 512)]
+    assert native.fields(blocks[0]) is not None
+    assert native.fields(blocks[0])[2] == b"etc/passwd"
+
+
+# a plain octal field, or one of the forms the C path must defer (or get exactly right)
+def _field(width: int):
+    digits = st.integers(0, 8 ** (width - 1) - 1).map(lambda v: b"%o" % v)
+    plain = st.builds(lambda sp, d, tail: (b" " * sp + d + tail)[:width].ljust(width, b"\0"),
+                      st.integers(0, 3), digits, st.sampled_from([b"\0", b" ", b" \0", b"\0 ", b"", b"\0\0"]))
+    odd = st.sampled_from([b"", b" ", b"\0 7", b"7\x01", b"1\0\x01", b"1_0", b"0o17", b"+7", b"-1", b"8", b"7 7", b"\t7", b"7\n",
+                           b"\x80" + bytes(width - 2) + b"\x01", b"\xff" * width, b"\x80\xff",
+                           b"\x00" * width, b"abc"]).map(lambda b: b[:width].ljust(width, b"\0"))
+    return st.one_of(plain, plain, plain, odd)
+
+
+def _block(name, mode, uid, gid, size, mtime, typeflag, link, magic, prefix, major, minor, chk_kind, high):
+    b = bytearray(512)
+    b[0:100] = name[:100].ljust(100, b"\0")
+    b[100:108], b[108:116], b[116:124], b[124:136], b[136:148] = mode, uid, gid, size, mtime
+    b[156:157] = typeflag
+    b[157:257] = link[:100].ljust(100, b"\0")
+    b[257:265] = magic
+    b[329:337], b[337:345] = major, minor
+    b[345:500] = prefix[:155].ljust(155, b"\0")
+    if high:
+        b[500] = 0xE9                    # a byte >= 0x80: signed and unsigned sums differ
+    b[148:156] = b" " * 8
+    unsigned = sum(b)
+    signed = unsigned - 256 * sum(1 for x in b if x >= 128)
+    chk = {"ok": unsigned, "signed": signed, "bad": unsigned + 1}[chk_kind]
+    b[148:156] = (b"%06o\0 " % chk) if chk >= 0 else b"-00001\0 "
+    return bytes(b)
+
+
+names = st.binary(max_size=110) | st.sampled_from([b"a/b", b"dir/", b"x" * 100, b"\xff\xfe", b""])
+blocks = st.builds(
+    _block, names, _field(8), _field(8), _field(8), _field(12), _field(12),
+    st.sampled_from([b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"S", b"x", b"L", b"g", b"Z"]),
+    names, st.sampled_from([b"ustar\x0000", b"ustar  \0", b"\0" * 8, b"ustar\0xx"]), names,
+    _field(8), _field(8), st.sampled_from(["ok", "ok", "ok", "signed", "bad"]), st.booleans())
+
+
+@FUZZ
+@given(blocks, st.binary(max_size=600))
+def test_generated_headers_parse_the_same_with_and_without_c(monkeypatch, block, rest):
+    data = block + rest + bytes(-len(rest) % 512) + bytes(1024)
+    assert _members(data, True, monkeypatch) == _members(data, False, monkeypatch)
+
+
+@FUZZ
+@given(blocks)
+def test_c_fields_are_the_python_values_or_none(block):
+    f = native.fields(block)
+    if f is None:
+        return
+    t, size, name, mode, uid, gid, mtime, link, major, minor = f
+    num = tarread._num
+    assert t == block[156:157]
+    assert (size, mode, uid, gid, mtime) == (num(block[124:136]), num(block[100:108]) & 0o7777,
+                                              num(block[108:116]), num(block[116:124]), num(block[136:148]))
+    dev = t in (b"3", b"4")
+    assert (major, minor) == ((num(block[329:337]), num(block[337:345])) if dev else (0, 0))
+    stored = num(block[148:156])
+    assert stored == tarread.byte_sum(block) - sum(block[148:156]) + 256
+    cstr = tarread._cstr
+    prefix = cstr(block[345:500]) if block[257:263] == b"ustar\0" else b""
+    assert name == (prefix + b"/" if prefix else b"") + cstr(block[:100])
+    assert link == cstr(block[157:257])
+
+
+def test_c_fields_defers_what_it_does_not_parse():
+    good = _block(b"f", b"0000644\0", b"0000000\0", b"0000000\0", b"00000000001\0", b"00000000000\0", b"0",
+                  b"", b"ustar\x0000", b"", bytes(8), bytes(8), "ok", False)
+    assert native.fields(good) == (b"0", 1, b"f", 0o644, 0, 0, 0, b"", 0, 0)
+    signed = _block(b"f", b"0000644\0", b"0000000\0", b"0000000\0", b"00000000001\0", b"00000000000\0", b"0",
+                    b"", b"ustar\x0000", b"", bytes(8), bytes(8), "signed", True)
+    assert native.fields(signed) is None                       # Python accepts it (old tars)
+    base256 = _block(b"f", b"0000644\0", b"\x80" + bytes(6) + b"\x01", b"0000000\0", b"00000000001\0",
+                     b"00000000000\0", b"0", b"", b"ustar\x0000", b"", bytes(8), bytes(8), "ok", False)
+    assert native.fields(base256) is None
+    with pytest.raises(ValueError):
+        native.fields(good[:511])
+
+
+texts = st.binary(max_size=140)
+
+
+@FUZZ
+@given(texts, st.integers(0, 0o7777), st.integers(0, 8 ** 7 - 1), st.integers(0, 8 ** 7 - 1),
+       st.integers(0, 8 ** 11 - 1), st.integers(0, 8 ** 11 - 1),
+       st.sampled_from([b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"x"]), texts, texts, texts,
+       st.sampled_from([bytes(16), b"0000001\x000000003\x00"]))
+def test_c_ustar_is_the_python_block(name, mode, uid, gid, size, mtime, t, link, uname, gname, dev):
+    args = (name, mode, uid, gid, size, mtime, t, link, uname, gname, dev)
+    block = native.ustar(*args)
+    assert block == entries._ustar_py(*args)
+    ti = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")        # an independent reader
+    assert (ti.mode, ti.uid, ti.gid, ti.size if t != b"x" else size, ti.mtime) == (mode, uid, gid, size, mtime)
+
+
+def test_c_ustar_refuses_numbers_that_do_not_fit():
+    ok = (b"n", 0o644, 0, 0, 0, 0, b"0", b"", b"root", b"root", bytes(16))
+    native.ustar(*ok)
+    for i, bad in ((2, 8 ** 7), (4, 8 ** 11), (5, -1)):
+        args = list(ok)
+        args[i] = bad
+        with pytest.raises(ValueError, match="overflow"):
+            native.ustar(*args)
+    with pytest.raises(ValueError):
+        native.ustar(*ok[:6], b"00", *ok[7:])

@@ -12,6 +12,13 @@
  *
  *   ustar(name, mode, uid, gid, size, mtime, typeflag, linkname, uname, gname, dev) -> bytes
  *       The ustar header block that entries._header formats from the same arguments.
+ *
+ *   match_starts(buf, limit, kinds) -> tuple of lists
+ *       For each kind (lo, alternatives): the starts in [lo, limit) of the matches that finditer of
+ *       the alternation of fixed-length byte-class patterns gives over buf from lo (left to right,
+ *       without overlap, the first alternative that matches). An alternative is a table of
+ *       256 * length bytes, nonzero where byte value v may stand at position i (i * 256 + v).
+ *       One pass over buf for all kinds (the x86 scan's VEX and EVEX patterns, rewrite/x86scan.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -179,9 +186,115 @@ done:
     return result;
 }
 
+#define MAX_KINDS 4
+#define MAX_ALTS 4
+
+typedef struct {
+    Py_ssize_t lo, next;             /* scan from lo; the next match may start at next (no overlap) */
+    int nalts;
+    const unsigned char *tab[MAX_ALTS];
+    Py_ssize_t len[MAX_ALTS];
+    PyObject *out;
+} kind_t;
+
+static PyObject *
+native_match_starts(PyObject *module, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t limit;
+    PyObject *kinds, *result = NULL;
+    kind_t k[MAX_KINDS];
+    unsigned char first[256];
+    int nk = 0;
+
+    if (!PyArg_ParseTuple(args, "y*nO!:match_starts", &view, &limit, &PyTuple_Type, &kinds))
+        return NULL;
+    memset(first, 0, sizeof first);
+    nk = (int)PyTuple_GET_SIZE(kinds);
+    if (nk > MAX_KINDS) {
+        PyErr_SetString(PyExc_ValueError, "too many kinds");
+        nk = 0;
+        goto done;
+    }
+    for (int i = 0; i < nk; i++)
+        k[i].out = NULL;
+    for (int i = 0; i < nk; i++) {
+        PyObject *kind = PyTuple_GET_ITEM(kinds, i), *alts;
+        if (!PyArg_ParseTuple(kind, "nO!:kind", &k[i].lo, &PyTuple_Type, &alts))
+            goto done;
+        k[i].nalts = (int)PyTuple_GET_SIZE(alts);
+        if (k[i].nalts < 1 || k[i].nalts > MAX_ALTS) {
+            PyErr_SetString(PyExc_ValueError, "1 to 4 alternatives");
+            goto done;
+        }
+        for (int a = 0; a < k[i].nalts; a++) {
+            PyObject *t = PyTuple_GET_ITEM(alts, a);     /* kept alive by the argument tuple */
+            if (!PyBytes_Check(t) || PyBytes_GET_SIZE(t) == 0 || PyBytes_GET_SIZE(t) % 256) {
+                PyErr_SetString(PyExc_ValueError, "an alternative is a bytes table of 256 * length");
+                goto done;
+            }
+            k[i].tab[a] = (const unsigned char *)PyBytes_AS_STRING(t);
+            k[i].len[a] = PyBytes_GET_SIZE(t) / 256;
+            for (int v = 0; v < 256; v++)
+                first[v] |= k[i].tab[a][v] != 0;
+        }
+        if (k[i].lo < 0)
+            k[i].lo = 0;
+        k[i].next = k[i].lo;
+        if ((k[i].out = PyList_New(0)) == NULL)
+            goto done;
+    }
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len;
+    if (limit > n)
+        limit = n;
+    Py_ssize_t start = limit;
+    for (int i = 0; i < nk; i++)
+        if (k[i].lo < start)
+            start = k[i].lo;
+    for (Py_ssize_t p = start; p < limit; p++) {
+        if (!first[b[p]])
+            continue;
+        for (int i = 0; i < nk; i++) {
+            if (p < k[i].next)
+                continue;
+            for (int a = 0; a < k[i].nalts; a++) {
+                Py_ssize_t len = k[i].len[a], j = 0;
+                if (p + len > n)
+                    continue;
+                const unsigned char *t = k[i].tab[a];
+                while (j < len && t[j * 256 + b[p + j]])
+                    j++;
+                if (j == len) {
+                    PyObject *v = PyLong_FromSsize_t(p);
+                    if (v == NULL || PyList_Append(k[i].out, v) < 0) {
+                        Py_XDECREF(v);
+                        goto done;
+                    }
+                    Py_DECREF(v);
+                    k[i].next = p + len;
+                    break;
+                }
+            }
+        }
+    }
+    if ((result = PyTuple_New(nk)) == NULL)
+        goto done;
+    for (int i = 0; i < nk; i++) {
+        PyTuple_SET_ITEM(result, i, k[i].out);
+        k[i].out = NULL;
+    }
+done:
+    for (int i = 0; i < nk; i++)
+        Py_XDECREF(k[i].out);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fields", native_fields, METH_O, "Parse a plain tar header block (see the module source), or None."},
     {"ustar", native_ustar, METH_VARARGS, "Format a ustar header block like entries._header."},
+    {"match_starts", native_match_starts, METH_VARARGS, "Starts of fixed-length byte-class matches (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -196,3 +196,27 @@ def test_c_ustar_refuses_numbers_that_do_not_fit():
             native.ustar(*args)
     with pytest.raises(ValueError):
         native.ustar(*ok[:6], b"00", *ok[7:])
+
+
+# x86 scan patterns: bytes rich in the encodings' lead bytes, so matches overlap and crowd
+x86_bytes = st.lists(st.sampled_from([0x62, 0xC4, 0xC5, 0x01, 0x02, 0x05, 0x7C, 0xE1, 0xFD, 0x48, 0x10, 0xD0, 0x00,
+                                      0xFF, 0x77, 0x94]), max_size=300).map(bytes) | st.binary(max_size=300)
+
+
+@FUZZ
+@given(x86_bytes, st.integers(0, 310), st.integers(0, 310), st.integers(0, 310))
+def test_c_match_starts_are_the_regex_matches(buf, lo_evex, lo_vex, limit):
+    from hpcconv.rewrite import x86scan
+
+    evex, vex = native.match_starts(buf, limit, ((lo_evex, x86scan._EVEX_TABLES), (lo_vex, x86scan._VEX_TABLES)))
+    assert evex == [m.start() for m in x86scan.EVEX_RE.finditer(buf, lo_evex) if m.start() < limit]
+    assert vex == [m.start() for m in x86scan.VEX_RE.finditer(buf, lo_vex) if m.start() < limit]
+    (only_vex,) = native.match_starts(buf, limit, ((lo_vex, x86scan._VEX_TABLES),))
+    assert only_vex == vex
+
+
+def test_c_match_starts_refuses_bad_tables():
+    for kinds in (((0, (b"x" * 255,)),), ((0, ()),), ((0, (b"",)),), ((0, ("s" * 256,)),), ((0,),)):
+        with pytest.raises((ValueError, TypeError)):
+            native.match_starts(b"abc", 3, kinds)
+    assert native.match_starts(b"", 10, ()) == ()

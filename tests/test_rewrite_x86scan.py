@@ -1,7 +1,8 @@
 """The streaming x86 scan (rewrite.x86scan) against a plain reference over the whole segment.
 
-The scanner sees a segment in pieces (as the tar content streams), finds match starts in C and
-resolves VEX overlaps and clusters over sorted start lists; the reference here
+The scanner sees a segment in pieces (as the tar content streams), finds match starts (with the C
+module, or the regex engine: every test runs with both) and resolves VEX overlaps and clusters over
+sorted start lists; the reference here
 takes every VEX_RE / EVEX_RE match of the whole segment at once and slides a window over them.
 Both must agree whatever the piece sizes (clusters and matches that straddle a piece boundary
 included), on host binaries, on gcc-built vector loops and on random bytes with planted clusters."""
@@ -15,12 +16,24 @@ from pathlib import Path
 
 import pytest
 
+from hpcconv.rewrite import x86scan
 from hpcconv.rewrite.elfinfo import IsaScan
 from hpcconv.rewrite.x86scan import (EVEX_CLUSTER, EVEX_MIN_HITS, EVEX_RATE, EVEX_RE, VEX_CLUSTER, VEX_RE,
                                      X86Scanner, probable_level)
 from rewritetools import VECTOR_LOOP
 
 PIECES = [1, 2, 3, 5, 63, 64, 65, 4096, 1 << 20]
+
+
+@pytest.fixture(autouse=True, params=["c", "regex"])
+def matcher(request, monkeypatch):
+    """Every test with the match starts found by the C module and by the regex engine."""
+    if request.param == "c":
+        if x86scan.native is None:
+            pytest.skip("hpcconv._native is not built (tests/test_native.py fails CI for that)")
+    else:
+        monkeypatch.setattr(x86scan, "native", None)
+    return request.param
 
 
 def _cluster(ps: list[int], hits_span: tuple[int, int]) -> bool:

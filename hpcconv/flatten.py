@@ -23,7 +23,10 @@ on every case, and each with `docker export`):
      semantics are applied in layer order to an in-memory tree (metadata only): whiteouts, opaque
      directories, type changes, implied parents, symlinked parents, hardlinks as shared inodes.
      Each regular file's inode remembers where its content lives (layer, member ordinal). Layer
-     digests and `rootfs.diff_ids` are verified here.
+     digests and `rootfs.diff_ids` are verified here. (A blob from the store whose diff_id this
+     user's store recorded when it last verified it, `index-cache/<algo>/<hex>.diff_id`, is not
+     hashed uncompressed again when the config names that diff_id: its blob digest, checked on
+     every read, fixes the uncompressed bytes.)
   2. *Emit pass*: directories and every entry without content are yielded first (parents first),
      then the layers that hold needed content are streamed again in order and each surviving file
      is yielded when its member is reached, followed by the hardlinks to it. A layer is read only
@@ -114,6 +117,26 @@ def _read_trusted(path: Path) -> str:
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
             raise ValueError("index cache file not owned by this user")
         return f.read()
+
+
+def _write_cache(path: Path, text: str) -> None:
+    """Write a cache file atomically, best effort (one that cannot be written is simply not there
+    next time)."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a fresh O_EXCL name (a predictable one in a shared directory could be a planted
+        # symlink), mode 0644 whatever the umask (readers trust only owner-only-writable files)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(name)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            os.fchmod(f.fileno(), 0o644)
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def _member(r: list) -> Member:
@@ -395,7 +418,8 @@ class Flattener:
         self.warnings: list[str] = []
         self.stats = {"layers": len(image.layers), "members": 0, "whiteouts": 0, "opaque": 0,
                       "hardlinks": 0, "expanded_bytes": 0, "layers_reread": 0, "entries": 0,
-                      "by_type": {}, "content_bytes": 0, "warnings": 0, "layers_cached": 0}
+                      "by_type": {}, "content_bytes": 0, "warnings": 0, "layers_cached": 0,
+                      "diff_ids_recorded": 0}
         self.root = _implied_dir()
         self._indexed = False
 
@@ -501,6 +525,10 @@ class Flattener:
         n = len(self.image.layers)
         detail = f"{n} layer(s){how}: blob digests verified"
         detail += ", diff_ids verified" if diff_ids else ", no diff_ids in the config"
+        k = self.stats["diff_ids_recorded"]
+        if k:
+            detail += (f" ({k} layer read(s) matched by blob digest to a diff_id this user's store recorded "
+                       f"when it last verified it)")
         self.checks.add(STAGE, "layer digests", PASS, detail + note, duration)
         if not n:
             self.checks.add(STAGE, "layers", WARN, "the image has no layers: its root file system is empty "
@@ -528,6 +556,9 @@ class Flattener:
         blob digest, the expansion cap and (after the last member) the diff_id are checked here.
         Errors name the layer, and the entry where one is known."""
         what = self._what(i)
+        # A blob whose diff_id this store recorded as verified decodes to the same bytes again (its
+        # digest is checked on this read too): the uncompressed bytes need no second hash.
+        recorded = bool(diff_id) and self._diff_id_recorded(i, diff_id)
         raw = self._open(i)
         cnt = pf = None
         ti = None
@@ -535,7 +566,7 @@ class Flattener:
             cap = self.max_expanded
             # the stream-level backstop sits a little above the cap: the prefetch thread runs ahead
             # of the headers, and the per-entry check below should speak first (it can name the entry)
-            cnt = _Count(hasher_for(diff_id) if diff_id else None,
+            cnt = _Count(hasher_for(diff_id) if diff_id and not recorded else None,
                          None if cap is None else cap + _BOMB_SLACK, self.stats["expanded_bytes"], what)
             # The thread decodes to the very end (compressed remainder included), so the blob digest
             # and the diff_id cover every byte even though the tar ends earlier.
@@ -576,10 +607,13 @@ class Flattener:
         if not raw.verified:
             raise CorruptInput(f"{what}: blob was not fully verified")
         self.stats["expanded_bytes"] += cnt.n + cnt.extra
-        if diff_id:
+        if recorded:
+            self.stats["diff_ids_recorded"] += 1
+        elif diff_id:
             got = f"{diff_id.split(':', 1)[0]}:{cnt.h.hexdigest()}"
             if got != diff_id:
                 raise CorruptInput(f"{what}: uncompressed content {got} does not match diff_id {diff_id}")
+            self._record_diff_id(i, diff_id)
 
     # -- index cache -----------------------------------------------------------------------------
     def _cache_file(self, i: int) -> Path | None:
@@ -590,6 +624,25 @@ class Flattener:
             return None
         return self.index_cache / algo / f"{hexd}.v{_INDEX_VERSION}.json"
 
+    def _diff_id_file(self, i: int) -> Path | None:
+        path = self._cache_file(i)
+        return None if path is None else path.with_name(path.name.split(".", 1)[0] + ".diff_id")
+
+    def _diff_id_recorded(self, i: int, diff_id: str) -> bool:
+        path = self._diff_id_file(i)
+        if path is None:
+            return False
+        try:
+            return _read_trusted(path).split() == [self.image.layers[i].digest, diff_id]
+        except (OSError, ValueError):
+            return False
+
+    def _record_diff_id(self, i: int, diff_id: str) -> None:
+        """Note that layer i's blob decodes to diff_id (checked just now), next to its index."""
+        path = self._diff_id_file(i)
+        if path is not None:
+            _write_cache(path, f"{self.image.layers[i].digest} {diff_id}\n")
+
     def _save_index(self, i: int, diff_id: str | None, expanded: int, rows: list) -> None:
         """Keep a verified layer's member headers (best effort: a cache that cannot be written is
         simply not there next time)."""
@@ -598,21 +651,8 @@ class Flattener:
             return
         doc = {"digest": self.image.layers[i].digest, "diff_id": diff_id or "", "expanded": expanded,
                "members": rows}
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # a fresh O_EXCL name (a predictable one in a shared directory could be a planted
-            # symlink), mode 0644 whatever the umask (readers trust only owner-only-writable files)
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            tmp = Path(name)
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(doc, separators=(",", ":")))
-                os.fchmod(f.fileno(), 0o644)
-            os.replace(tmp, path)
-        except (OSError, ValueError):
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+        _write_cache(path, json.dumps(doc, separators=(",", ":")))
+
 
     def _index_from_cache(self, i: int, diff_id: str | None, what: str) -> bool:
         """Apply layer i from its cached header index; False when there is none (or it does not fit)."""

@@ -284,8 +284,8 @@ def gc(store: Store, grace: float = DEFAULT_GRACE, partial_grace: float = DEFAUL
 
 
 def _prune_index_cache(store: Store, gone: set[str], now: float, grace: float, dry_run: bool) -> int:
-    """flatten's per-layer header indexes (index-cache/<algo>/<hex>.vN.json) of blobs no longer in
-    the store, and write temporaries older than grace."""
+    """flatten's per-layer header indexes and diff_id records (index-cache/<algo>/<hex>.vN.json,
+    <hex>.diff_id) of blobs no longer in the store, and write temporaries older than grace."""
     n = 0
     base = store.root / "index-cache"
     if not base.is_dir():

@@ -97,3 +97,86 @@ def test_cache_written_by_someone_else_is_not_trusted(tmp_path):
     files[0].symlink_to(tmp_sym)                # a symlink is not followed
     again, f = _flatten(img, tmp_path)
     assert again == first and f.stats["layers_cached"] == 1
+
+
+def _plain_layers():
+    """Layers the single pass takes without falling back to two passes."""
+    return [
+        make_tar([T("etc", "dir"), T("etc/a", data=b"a" * 3000), T("etc/b", data=b"bb"),
+                  T("usr", "dir"), T("usr/lib", "dir"), T("usr/lib/x.so", data=b"\x7fELF" + bytes(500))]),
+        make_tar([T("etc/.wh.b"), T("etc/c", data=b"c"), T("etc/h", "hard", link="etc/c"),
+                  T("big", data=bytes(range(256)) * 5000)]),
+    ]
+
+
+def _single(img, cache):
+    f = Flattener(img, index_cache=cache, single_pass=True)
+    return tree_of_entries(f.entries()), f
+
+
+def _counting_hashers(monkeypatch) -> list[str]:
+    from hpcconv import flatten
+
+    calls: list[str] = []
+    real = flatten.hasher_for
+    monkeypatch.setattr(flatten, "hasher_for", lambda d: calls.append(d) or real(d))
+    return calls
+
+
+def test_a_verified_diff_id_is_recorded_and_a_later_read_of_the_blob_skips_that_hash(tmp_path, monkeypatch):
+    import hashlib
+
+    built = build_image(_plain_layers())
+    img = image_from_built(built)
+    first, f1 = _single(img, tmp_path)
+    assert f1.stats["diff_ids_recorded"] == 0
+    # the records: each layer's blob digest and diff_id, computed here from the blobs themselves
+    import gzip
+
+    want = set()
+    for d in (l["digest"] for l in json.loads(built.manifest)["layers"]):
+        blob = built.blobs[d]
+        raw = gzip.decompress(blob) if blob[:2] == b"\x1f\x8b" else blob
+        assert "sha256:" + hashlib.sha256(blob).hexdigest() == d
+        want.add(f"{d} sha256:{hashlib.sha256(raw).hexdigest()}")
+    assert {p.read_text().strip() for p in tmp_path.rglob("*.diff_id")} == want
+    calls = _counting_hashers(monkeypatch)
+    again, f2 = _single(img, tmp_path)
+    assert again == first and f2.stats["diff_ids_recorded"] == 2 and calls == []
+    (layer_check,) = [c for c in f2.checks.items if c.name == "layer digests"]
+    assert "diff_ids verified (2 layer read(s) matched by blob digest" in layer_check.detail
+
+
+def test_a_recorded_diff_id_does_not_excuse_a_config_that_names_another(tmp_path):
+    built = build_image(_plain_layers())
+    _single(image_from_built(built), tmp_path)
+    cfg = json.loads(built.config)
+    cfg["rootfs"]["diff_ids"][1] = "sha256:" + "0" * 64
+    built.config = json.dumps(cfg).encode()
+    with pytest.raises(CorruptInput, match="does not match diff_id sha256:000"):
+        _single(image_from_built(built), tmp_path)
+
+
+def test_a_recorded_blob_is_still_verified(tmp_path):
+    built = build_image(_plain_layers())
+    _single(image_from_built(built), tmp_path)
+    d = json.loads(built.manifest)["layers"][1]["digest"]
+    blob = bytearray(built.blobs[d])
+    blob[-9] ^= 0xFF                      # decompresses fine, digest differs
+    built.blobs[d] = bytes(blob)
+    with pytest.raises(CorruptInput, match="does not match"):
+        _single(image_from_built(built), tmp_path)
+
+
+def test_diff_id_records_of_someone_else_are_not_trusted(tmp_path, monkeypatch):
+    import os
+
+    img = image_from_built(build_image(_plain_layers()))
+    _single(img, tmp_path)
+    recs = sorted(tmp_path.rglob("*.diff_id"))
+    assert recs and all(p.stat().st_mode & 0o777 == 0o644 for p in recs)
+    os.chown(recs[0], 4242, 4242)
+    os.chmod(recs[1], 0o666)
+    calls = _counting_hashers(monkeypatch)
+    _, f = _single(img, tmp_path)
+    assert f.stats["diff_ids_recorded"] == 0 and len(calls) == 2

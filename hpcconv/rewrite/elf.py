@@ -37,7 +37,7 @@ class ElfPass(Pass):
         self.count = 0
 
     def observe(self, entry: Entry, head):
-        m = _HWCAPS.search(entry.path)
+        m = _HWCAPS.search(entry.path) if "glibc-hwcaps/" in entry.path else None
         if m:
             self.hwcaps.add(m.group(2))
         return None

@@ -73,12 +73,12 @@ class GpuPass(Pass):
 
     def observe(self, entry: Entry, head):
         if entry.type == DIR:
-            m = _ROCM_DIR.search(entry.path + "/")
+            m = _ROCM_DIR.search(entry.path + "/") if "opt/rocm-" in entry.path else None
             if m:
                 self.rocm_dirs.add(m.group(2))
             return None
         p = entry.path
-        if head is not None and entry.size and len(head) >= entry.size:
+        if head is not None and entry.size and len(head) >= entry.size and "usr/local/cuda" in p:
             if _VERSION_JSON.search(p):
                 import json
 

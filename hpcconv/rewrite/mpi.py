@@ -51,8 +51,8 @@ class MpiPass(Pass):
         self.libs: dict[str, list[tuple[tuple[int, ...], str]]] = {}   # base name -> [(version, path)]
 
     def observe(self, entry: Entry, head):
-        if entry.type == DIR:
-            return None
+        if entry.type == DIR or ".so." not in entry.path:
+            return None                      # _LIB needs ".so." (a fast path)
         m = _LIB.search(entry.path)
         if m:
             v = _ver(m.group(3))

@@ -18,10 +18,13 @@
  *       the alternation of fixed-length byte-class patterns gives over buf from lo (left to right,
  *       without overlap, the first alternative that matches). An alternative is a table of
  *       256 * length bytes, nonzero where byte value v may stand at position i (i * 256 + v).
- *       One pass over buf for all kinds (the x86 scan's VEX and EVEX patterns, rewrite/x86scan.py).
+ *       One pass over buf for all kinds (the x86 scan's VEX and EVEX patterns, rewrite/x86scan.py),
+ *       without the GIL, 8 bytes at a time where none of them can start a match.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 512
@@ -188,14 +191,75 @@ done:
 
 #define MAX_KINDS 4
 #define MAX_ALTS 4
+#define MAX_LEADS 4
 
 typedef struct {
     Py_ssize_t lo, next;             /* scan from lo; the next match may start at next (no overlap) */
     int nalts;
     const unsigned char *tab[MAX_ALTS];
     Py_ssize_t len[MAX_ALTS];
-    PyObject *out;
+    Py_ssize_t *starts, n, cap;      /* found without the GIL, made a list after */
 } kind_t;
+
+static const uint64_t ONES = 0x0101010101010101ULL, HIGHS = 0x8080808080808080ULL;
+
+/* nonzero when some byte of v is zero (exact as a yes/no) */
+static inline uint64_t
+has_zero_byte(uint64_t v)
+{
+    return (v - ONES) & ~v & HIGHS;
+}
+
+/* The scan proper, without the GIL: 0, or -1 when out of memory. */
+static int
+scan_kinds(const unsigned char *b, Py_ssize_t n, Py_ssize_t start, Py_ssize_t limit, kind_t *k, int nk,
+           const unsigned char *first, const uint64_t *lead, int nlead)
+{
+    Py_ssize_t p = start;
+    while (p < limit) {
+        if (nlead && p + 8 <= limit) {           /* skip 8 bytes at a time while none can start a match */
+            uint64_t v, hit = 0;
+            memcpy(&v, b + p, 8);
+            for (int j = 0; j < nlead; j++)
+                hit |= has_zero_byte(v ^ lead[j]);
+            if (!hit) {
+                p += 8;
+                continue;
+            }
+        }
+        Py_ssize_t end = p + 8 < limit ? p + 8 : limit;
+        for (; p < end; p++) {
+            if (!first[b[p]])
+                continue;
+            for (int i = 0; i < nk; i++) {
+                if (p < k[i].next)
+                    continue;
+                for (int a = 0; a < k[i].nalts; a++) {
+                    Py_ssize_t len = k[i].len[a], j = 0;
+                    if (p + len > n)
+                        continue;
+                    const unsigned char *t = k[i].tab[a];
+                    while (j < len && t[j * 256 + b[p + j]])
+                        j++;
+                    if (j == len) {
+                        if (k[i].n == k[i].cap) {
+                            Py_ssize_t cap = k[i].cap ? 2 * k[i].cap : 256;
+                            Py_ssize_t *grown = realloc(k[i].starts, (size_t)cap * sizeof(Py_ssize_t));
+                            if (grown == NULL)
+                                return -1;
+                            k[i].cap = cap;
+                            k[i].starts = grown;
+                        }
+                        k[i].starts[k[i].n++] = p;
+                        k[i].next = p + len;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
 
 static PyObject *
 native_match_starts(PyObject *module, PyObject *args)
@@ -205,19 +269,19 @@ native_match_starts(PyObject *module, PyObject *args)
     PyObject *kinds, *result = NULL;
     kind_t k[MAX_KINDS];
     unsigned char first[256];
-    int nk = 0;
+    uint64_t lead[MAX_LEADS];
+    int nk = 0, nlead = 0;
 
     if (!PyArg_ParseTuple(args, "y*nO!:match_starts", &view, &limit, &PyTuple_Type, &kinds))
         return NULL;
     memset(first, 0, sizeof first);
+    memset(k, 0, sizeof k);
     nk = (int)PyTuple_GET_SIZE(kinds);
     if (nk > MAX_KINDS) {
         PyErr_SetString(PyExc_ValueError, "too many kinds");
         nk = 0;
         goto done;
     }
-    for (int i = 0; i < nk; i++)
-        k[i].out = NULL;
     for (int i = 0; i < nk; i++) {
         PyObject *kind = PyTuple_GET_ITEM(kinds, i), *alts;
         if (!PyArg_ParseTuple(kind, "nO!:kind", &k[i].lo, &PyTuple_Type, &alts))
@@ -241,10 +305,18 @@ native_match_starts(PyObject *module, PyObject *args)
         if (k[i].lo < 0)
             k[i].lo = 0;
         k[i].next = k[i].lo;
-        if ((k[i].out = PyList_New(0)) == NULL)
-            goto done;
     }
-    const unsigned char *b = view.buf;
+    /* the bytes a match can start with, for the 8-bytes-at-a-time skip (few of them, or none) */
+    for (int v = 0; v < 256 && nlead >= 0; v++) {
+        if (!first[v])
+            continue;
+        if (nlead == MAX_LEADS)
+            nlead = -1;
+        else
+            lead[nlead++] = ONES * (uint64_t)v;
+    }
+    if (nlead < 0)
+        nlead = 0;
     Py_ssize_t n = view.len;
     if (limit > n)
         limit = n;
@@ -252,41 +324,35 @@ native_match_starts(PyObject *module, PyObject *args)
     for (int i = 0; i < nk; i++)
         if (k[i].lo < start)
             start = k[i].lo;
-    for (Py_ssize_t p = start; p < limit; p++) {
-        if (!first[b[p]])
-            continue;
-        for (int i = 0; i < nk; i++) {
-            if (p < k[i].next)
-                continue;
-            for (int a = 0; a < k[i].nalts; a++) {
-                Py_ssize_t len = k[i].len[a], j = 0;
-                if (p + len > n)
-                    continue;
-                const unsigned char *t = k[i].tab[a];
-                while (j < len && t[j * 256 + b[p + j]])
-                    j++;
-                if (j == len) {
-                    PyObject *v = PyLong_FromSsize_t(p);
-                    if (v == NULL || PyList_Append(k[i].out, v) < 0) {
-                        Py_XDECREF(v);
-                        goto done;
-                    }
-                    Py_DECREF(v);
-                    k[i].next = p + len;
-                    break;
-                }
-            }
-        }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = scan_kinds(view.buf, n, start, limit, k, nk, first, lead, nlead);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
     }
     if ((result = PyTuple_New(nk)) == NULL)
         goto done;
     for (int i = 0; i < nk; i++) {
-        PyTuple_SET_ITEM(result, i, k[i].out);
-        k[i].out = NULL;
+        PyObject *list = PyList_New(k[i].n);
+        if (list == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyTuple_SET_ITEM(result, i, list);
+        for (Py_ssize_t j = 0; j < k[i].n; j++) {
+            PyObject *v = PyLong_FromSsize_t(k[i].starts[j]);
+            if (v == NULL) {
+                Py_CLEAR(result);
+                goto done;
+            }
+            PyList_SET_ITEM(list, j, v);
+        }
     }
 done:
     for (int i = 0; i < nk; i++)
-        Py_XDECREF(k[i].out);
+        free(k[i].starts);
     PyBuffer_Release(&view);
     return result;
 }

@@ -220,3 +220,39 @@ def test_c_match_starts_refuses_bad_tables():
         with pytest.raises((ValueError, TypeError)):
             native.match_starts(b"abc", 3, kinds)
     assert native.match_starts(b"", 10, ()) == ()
+
+
+byte_sets = st.sets(st.sampled_from([d * 17 for d in range(16)]), min_size=1, max_size=8)   # the buffer's alphabet
+
+
+@FUZZ
+@given(st.lists(st.lists(byte_sets, min_size=1, max_size=4), min_size=1, max_size=3),
+       st.lists(st.integers(0, 15), max_size=200), st.integers(0, 210), st.integers(0, 210))
+def test_c_match_starts_any_patterns_are_the_regex_matches(alts, data, lo, limit):
+    """Any fixed-length byte-class alternation (more than 4 possible first bytes included: the scan
+    then goes byte by byte) against the same alternation as a regex."""
+    import re
+
+    from hpcconv.rewrite import x86scan
+
+    # a small alphabet that the sets hit often
+    buf = bytes(d * 17 for d in data)
+    regex = re.compile(b"|".join(b"".join(x86scan._cls(s.__contains__) for s in alt) for alt in alts), re.S)
+    tables = tuple(x86scan._table(*(s.__contains__ for s in alt)) for alt in alts)
+    (got,) = native.match_starts(buf, limit, ((lo, tables),))
+    assert got == [m.start() for m in regex.finditer(buf, lo) if m.start() < limit]
+
+
+def test_c_match_starts_with_many_first_bytes_misses_none():
+    """More first bytes than the 8-at-a-time skip takes: the scan goes byte by byte, and a match
+    that starts with the last of them, alone in its 8 bytes, is found."""
+    from hpcconv.rewrite import x86scan
+
+    firsts = {0x11 * k for k in range(1, 7)}
+    tables = (x86scan._table(firsts.__contains__),)
+    for at in range(0, 24):
+        buf = bytearray(32)
+        buf[at] = 0x66
+        assert native.match_starts(bytes(buf), 32, ((0, tables),)) == ([at],)
+    few = (x86scan._table({0x11, 0x66}.__contains__),)
+    assert native.match_starts(bytes(16) + b"\x66" + bytes(15), 32, ((0, few),)) == ([16],)

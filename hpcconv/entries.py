@@ -20,7 +20,8 @@ import tarfile
 from dataclasses import dataclass, field, fields
 from typing import BinaryIO, Iterable, Iterator
 
-from .tarread import byte_sum, native
+from .speedups import native
+from .tarread import byte_sum
 
 FILE, DIR, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO = "file", "dir", "symlink", "hardlink", "char", "block", "fifo"
 

@@ -8,25 +8,12 @@ same fields flatten needs, and reads a member's content (expanded when sparse) o
 
 from __future__ import annotations
 
-import os
 from typing import BinaryIO, Iterator
 from zlib import adler32
 
 from .errors import CorruptInput
+from .speedups import native
 
-
-def _load_native():
-    """The optional C module (hpcconv/_native.c), unless HPCCONV_NO_NATIVE is set."""
-    if os.environ.get("HPCCONV_NO_NATIVE"):
-        return None
-    try:
-        from . import _native
-    except ImportError:
-        return None
-    return _native
-
-
-native = _load_native()
 _native_fields = native.fields if native is not None else None
 
 BLOCK = 512

@@ -20,8 +20,8 @@ import pytest
 
 from hpcconv import entries, tarread
 from hpcconv.errors import CorruptInput
+from hpcconv.speedups import native
 
-native = tarread.native
 if native is None:
     if os.environ.get("HPCCONV_REQUIRE_ALL") == "1" and not os.environ.get("HPCCONV_NO_NATIVE"):
         pytest.fail("hpcconv._native is not built (pip install -e . with gcc and the Python headers)",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import re
 
-from ..tarread import native
+from ..speedups import native
 
 
 def _cls(pred) -> bytes:

@@ -1,8 +1,9 @@
-/* hpcconv._native: the per-entry tar header work of the conversion, in C.
+/* hpcconv._native: per-entry and per-byte work of the conversion, in C (tar headers, the x86 scan).
  *
  * Optional: setup.py builds it when a C compiler is there; without it hpcconv runs the pure-Python
- * code in tarread.py / entries.py, which stays the reference (tests/test_native.py compares the two
- * on generated and corrupted headers). HPCCONV_NO_NATIVE=1 makes hpcconv ignore the module.
+ * code in tarread.py / entries.py / rewrite/x86scan.py, which stays the reference
+ * (tests/test_native.py and tests/test_rewrite_x86scan.py compare the two). HPCCONV_NO_NATIVE=1
+ * makes hpcconv ignore the module (speedups.py loads it).
  *
  *   fields(block) -> (typeflag, size, name, mode, uid, gid, mtime, linkname, devmajor, devminor) | None
  *       One 512-byte tar header block whose checksum and numeric fields are in the plain form

@@ -176,15 +176,26 @@ class X86Scanner:
             self._tail = b""
             for kind in kinds:
                 kind.new_segment()
-        buf = self._tail + data
-        base = offset - len(self._tail)
-        limit = len(buf) - _OVERLAP        # matches starting here are complete; the rest carries over
+        tail, n = self._tail, len(data)
+        self._next = offset + n
+        # A match that starts less than _OVERLAP bytes before the end of what has arrived may not be
+        # complete yet: those bytes carry over to the next piece.
+        if n >= _OVERLAP:
+            if tail:                       # matches starting in the carried bytes end in data[:_OVERLAP]
+                _scan(kinds, tail + data[:_OVERLAP], self._tail_off, len(tail))
+            if n > _OVERLAP:               # the piece itself, not copied
+                _scan(kinds, data, offset, n - _OVERLAP)
+            self._tail = data[n - _OVERLAP:]
+            self._tail_off = offset + n - _OVERLAP
+            return
+        buf = tail + data                  # a piece shorter than the carry
+        base = offset - len(tail)
+        limit = len(buf) - _OVERLAP
         if limit > 0:
             _scan(kinds, buf, base, limit)
         cut = max(limit, 0)
         self._tail = buf[cut:]
         self._tail_off = base + cut
-        self._next = offset + len(data)
 
     def close(self) -> None:
         if self._tail:

@@ -653,7 +653,6 @@ class Flattener:
                "members": rows}
         _write_cache(path, json.dumps(doc, separators=(",", ":")))
 
-
     def _index_from_cache(self, i: int, diff_id: str | None, what: str) -> bool:
         """Apply layer i from its cached header index; False when there is none (or it does not fit)."""
         path = self._cache_file(i)

@@ -178,6 +178,7 @@ def test_gc_reclaims_leftovers_of_dead_processes(henv, store_dir):
     cache = store_dir / "index-cache" / "sha256"
     cache.mkdir(parents=True)
     (cache / ("d" * 64 + ".v1.json")).write_text("{}")        # the index of a blob that is gone
+    (cache / ("d" * 64 + ".diff_id")).write_text("x y\n")     # and its diff_id record
     dead_tmp = store_dir / ".tmp-deadbeef"
     dead_tmp.write_bytes(b"{}")
     for p in (stale, dead_tmp):
@@ -194,7 +195,7 @@ def test_gc_reclaims_leftovers_of_dead_processes(henv, store_dir):
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
         assert w.partial.exists()
-    assert rep["partials_removed"] == 1 and rep["temporaries_removed"] == 1 and rep["index_cache_removed"] == 1
+    assert rep["partials_removed"] == 1 and rep["temporaries_removed"] == 1 and rep["index_cache_removed"] == 2
     assert not list(cache.iterdir())
     assert not stale.exists() and not dead_tmp.exists()
     assert sorted(p.name for p in tmp.iterdir()) == [w.partial.name]

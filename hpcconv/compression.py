@@ -32,6 +32,15 @@ def detect(head: bytes) -> str:
     return "none"
 
 
+def _more(read: Read, inside: bool, cut_short: str) -> bytes:
+    """The next compressed chunk, or b"" at the end of the stream; an end `inside` a member or
+    frame is an error (`cut_short` says which)."""
+    data = read(CHUNK)
+    if not data and inside:
+        raise EOFError(cut_short)
+    return data
+
+
 def _gzip_chunks(data: bytes, read: Read) -> Iterator[bytes]:
     """Concatenated gzip members (zero padding between and after them accepted, as gzip readers
     do); each member's CRC and length are checked by the decoder; a member cut short is an error."""
@@ -41,10 +50,8 @@ def _gzip_chunks(data: bytes, read: Read) -> Iterator[bytes]:
     full = False                                # the last call stopped at max_length: output may be pending
     while True:
         if not data and not full:
-            data = read(CHUNK)
+            data = _more(read, d is not None, "the gzip stream ends in the middle of a member")
             if not data:
-                if d is not None:
-                    raise EOFError("the gzip stream ends in the middle of a member")
                 return
         if d is None:
             data = data.lstrip(b"\0")
@@ -75,10 +82,8 @@ def _zstd_chunks(data: bytes, read: Read) -> Iterator[bytes]:
     obj = None
     while True:
         if not data:
-            data = read(CHUNK)
+            data = _more(read, obj is not None, "the zstd stream ends in the middle of a frame")
             if not data:
-                if obj is not None:
-                    raise EOFError("the zstd stream ends in the middle of a frame")
                 return
         if obj is None:
             while len(data) < 8 and int.from_bytes(data[:4].ljust(4, b"\0"), "little") in ZSTD_SKIPPABLE:

@@ -68,16 +68,15 @@ tests/test_flatten_docker.py):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
+from .cachefiles import read_trusted, write_atomic
 from .compression import CHUNK, ChunkReader, decoded_chunks
 from .entries import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, XATTR_PREFIX, Entry,
                       entry_type_of)
@@ -108,35 +107,8 @@ def _row(ti: Member) -> list:
 
 
 def _read_trusted(path: Path) -> str:
-    """A cache file's text, only if this user wrote it: in a store shared by many users anyone may
-    write index-cache/, and a cached index is trusted for names, modes and links (the blob is
-    verified, its cached headers are not). Others' files, group/other-writable ones and symlinks
-    are ignored (ValueError), and the layer is indexed from the blob instead."""
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "r") as f:
-        st = os.fstat(f.fileno())
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise ValueError("index cache file not owned by this user")
-        return f.read()
-
-
-def _write_cache(path: Path, text: str) -> None:
-    """Write a cache file atomically, best effort (one that cannot be written is simply not there
-    next time)."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a fresh O_EXCL name (a predictable one in a shared directory could be a planted
-        # symlink), mode 0644 whatever the umask (readers trust only owner-only-writable files)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        tmp = Path(name)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            os.fchmod(f.fileno(), 0o644)
-        os.replace(tmp, path)
-    except (OSError, ValueError):
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    """A cache file's text, only if this user wrote it (cachefiles.read_trusted)."""
+    return read_trusted(path).decode()
 
 
 def _member(r: list) -> Member:
@@ -641,7 +613,7 @@ class Flattener:
         """Note that layer i's blob decodes to diff_id (checked just now), next to its index."""
         path = self._diff_id_file(i)
         if path is not None:
-            _write_cache(path, f"{self.image.layers[i].digest} {diff_id}\n")
+            write_atomic(path, f"{self.image.layers[i].digest} {diff_id}\n")
 
     def _save_index(self, i: int, diff_id: str | None, expanded: int, rows: list) -> None:
         """Keep a verified layer's member headers (best effort: a cache that cannot be written is
@@ -651,7 +623,7 @@ class Flattener:
             return
         doc = {"digest": self.image.layers[i].digest, "diff_id": diff_id or "", "expanded": expanded,
                "members": rows}
-        _write_cache(path, json.dumps(doc, separators=(",", ":")))
+        write_atomic(path, json.dumps(doc, separators=(",", ":")))
 
     def _index_from_cache(self, i: int, diff_id: str | None, what: str) -> bool:
         """Apply layer i from its cached header index; False when there is none (or it does not fit)."""

@@ -217,10 +217,16 @@ def _convert(img: Image, pc, target: str, output: Path, fmt: str, compression: s
                        f"; it does not list {' or '.join(allowed)}: convert with the --target the site runs"))
     emitter = importlib.import_module(f".emit.{EMITTERS[target]}", __package__)
 
+    from .emit.sinks import block_reuse_in
+
+    # an image pulled through the store: SquashFS blocks of earlier conversions are reused (emit/sqfs.py)
+    reuse = Path(img.index_cache).parent / "block-reuse" if getattr(img, "index_cache", None) else None
+
     def consume(flat):
         prep = prepare(img, profile, target)
-        res = emitter.emit(prep.runner.transform(flat.entries()), prep.image, output, fmt=fmt,
-                           compression=comp, reporter=reporter, force=force)
+        with block_reuse_in(reuse):
+            res = emitter.emit(prep.runner.transform(flat.entries()), prep.image, output, fmt=fmt,
+                               compression=comp, reporter=reporter, force=force)
         return prep, res
 
     flat, (prep, res) = flatten_into(img, reporter, consume)

@@ -214,8 +214,9 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str | Non
     tmp = out / f".hpcconv-shifter-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.squashfs"
     try:
         with checks.timed(STAGE, "write squashfs") as c:
+            record: list = []
             n = sinks.write_squashfs(fix.transform(entries), tmp, compression=compression, reporter=reporter,
-                                     level=level, block_size=block_size)
+                                     level=level, block_size=block_size, record_later=record)
             h = hashlib.sha256()
             with open(tmp, "rb") as f:
                 while chunk := f.read(1 << 20):
@@ -227,6 +228,8 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str | Non
                 if os.path.lexists(p) and not force and not p.is_file():
                     raise UsageError(f"{p} exists and is not a file", hint="use --force to replace it")
             os.replace(tmp, sq)
+            for later in record:
+                later(sq)
             mtmp = out / f".{image_id}.meta.hpcconv-{secrets.token_hex(4)}.tmp"
             mtmp.write_bytes(meta)
             umask = os.umask(0o022)

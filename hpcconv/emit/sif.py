@@ -14,13 +14,15 @@ A.1-A.6); every integer little-endian, structures packed:
   exactly at the end of the last object.
 
 Streaming: the metadata objects are small and known before the root filesystem is built, so the
-partition offset is known too. `mksquashfs - SIF -tar -o OFFSET` then writes the squashfs straight
-into the SIF file at its aligned offset (it zero-fills the bytes before it) from the tar of the entry
-stream on its stdin, and the header, descriptors and metadata objects are written into that prefix
-afterwards. No rootfs on disk, no temporary squashfs, no second copy of the partition.
-(`tar2sqfs`, which the other sinks use, cannot write at an offset.) mksquashfs reads
-`SOURCE_DATE_EPOCH` itself: the filesystem time, the root directory and any newer file time are set
-to it (clamped), as when Apptainer runs it; every other time is the image's.
+partition offset is known too. hpcconv's own SquashFS writer (emit/sqfs.py; gzip and zstd) then
+writes the squashfs straight into the SIF file at its aligned offset from the entry stream, and the
+header, descriptors and metadata objects are written into that prefix afterwards. No rootfs on disk,
+no temporary squashfs, no second copy of the partition. It follows mksquashfs's time rules under
+Apptainer: with `SOURCE_DATE_EPOCH` the filesystem time and the root directory get it and newer file
+times are clamped to it; without, they get the current time. With HPCCONV_SQUASHFS_BUILDER=external
+(and for xz, lz4, lzo) `mksquashfs - SIF -tar -o OFFSET` does the same from a tar of the stream on
+its stdin (it zero-fills the bytes before the offset and reads `SOURCE_DATE_EPOCH` itself;
+`tar2sqfs` cannot write at an offset).
 
 Determinism: with `SOURCE_DATE_EPOCH` the UUID is nil and every header/descriptor time is that
 epoch, so two conversions of the same image are byte-identical.
@@ -361,7 +363,22 @@ def mksquashfs_command(out: Path, offset: int, compression: str, level: int | No
 
 
 def _squashfs_into(entries: Iterable[Entry], tmp: Path, offset: int, compression: str, level: int | None,
-                   block_size: int, reporter: Reporter, label: str) -> int:
+                   block_size: int, reporter: Reporter, label: str):
+    """The partition at `offset` of `tmp`. Returns (entries, writer, BlockReuse): the last two are
+    None with mksquashfs."""
+    if sinks.squashfs_builder(compression) == "hpcconv":
+        # hpcconv's own writer at the partition offset, with mksquashfs's time rules: the image and
+        # root directory get SOURCE_DATE_EPOCH (else now), which also clamps newer file times
+        when = epoch()
+        now = when if when is not None else int(time.time())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            w, reuse = sinks.write_squashfs_native(entries, fd, offset, compression, level, block_size,
+                                                   reporter, f"writing {label}", mod_time=now, root_mtime=now,
+                                                   clamp_mtime=when)
+            return w.count, w, reuse
+        finally:
+            os.close(fd)
     cmd = mksquashfs_command(tmp, offset, compression, level, block_size)
     env = dict(os.environ)
     env.pop("SOURCE_DATE_EPOCH", None)          # mksquashfs reads an empty value as 0
@@ -396,7 +413,7 @@ def _squashfs_into(entries: Iterable[Entry], tmp: Path, offset: int, compression
         raise sinks.OutputError(f"mksquashfs failed writing {label}: {tail}")
     if dropped:
         reporter.log("warn", f"{len(dropped)} xattrs SquashFS cannot store were dropped, e.g. {dropped[0]}")
-    return n
+    return n, None, None
 
 
 @dataclass
@@ -425,13 +442,14 @@ def write_sif(entries: Iterable[Entry], out: Path | str, objects: list[DataObjec
     offset = placed[-1].offset
     probe = ArchProbe()
     with sinks._atomic(out, force) as tmp:
-        n = _squashfs_into(probe.transform(entries), tmp, offset, compression, level, block_size, reporter,
+        n, writer, reuse = _squashfs_into(probe.transform(entries), tmp, offset, compression, level, block_size,
+                                          reporter,
                            out.name)
         size = os.path.getsize(tmp) - offset
         with open(tmp, "rb") as f:
             f.seek(offset)
             if size < 96 or f.read(4) != b"hsqs":
-                raise sinks.OutputError("mksquashfs did not write a SquashFS partition into the SIF")
+                raise sinks.OutputError("no SquashFS partition was written into the SIF")
         arch, where = probe.arch()
         if arch is None:
             arch, where = fallback_arch, f"image config ({where})"
@@ -448,6 +466,8 @@ def write_sif(entries: Iterable[Entry], out: Path | str, objects: list[DataObjec
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(out, 0o777 & ~umask)  # SIF files are executable (the launch script), as Apptainer makes them
+    if reuse is not None:
+        reuse.save(out, offset, writer)
     names = {DT_DEFFILE: "Def.FILE", DT_LABELS: "JSON.Labels", DT_GENERIC_JSON: "JSON.Generic",
              DT_PARTITION: "FS", DT_ENVVAR: "Env.Vars", DT_GENERIC: "Generic/Raw"}
     return SifResult(out, n, arch, where, offset, size,

@@ -46,6 +46,7 @@ image do not stop the extraction.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import io
 import os
@@ -371,12 +372,90 @@ def widen_pipe(f) -> None:
         pass
 
 
+def squashfs_builder(compression: str) -> str:
+    """Which program builds a SquashFS: "hpcconv" (emit/sqfs.py, for gzip and zstd) or "external"
+    (tar2sqfs, or mksquashfs -tar; for a SIF mksquashfs, which can write at an offset).
+    HPCCONV_SQUASHFS_BUILDER=external picks the external tools for every compressor."""
+    choice = os.environ.get("HPCCONV_SQUASHFS_BUILDER", "").strip() or "hpcconv"
+    if choice not in ("hpcconv", "external"):
+        raise UsageError(f"HPCCONV_SQUASHFS_BUILDER={choice!r} is not a SquashFS builder",
+                         hint="use hpcconv or external")
+    from . import sqfs
+
+    if choice == "hpcconv" and compression not in sqfs.COMPRESSORS:
+        return "external"
+    return choice
+
+
+_REUSE_DIR: "contextvars.ContextVar[Path | None]" = contextvars.ContextVar("hpcconv_block_reuse", default=None)
+
+
+@contextlib.contextmanager
+def block_reuse_in(directory: Path | None) -> Iterator[None]:
+    """SquashFS images written inside take their compressed blocks from earlier images recorded in
+    `directory` where they can, and are recorded there (the store's block-reuse/; emit/sqfs.py)."""
+    token = _REUSE_DIR.set(directory)
+    try:
+        yield
+    finally:
+        _REUSE_DIR.reset(token)
+
+
+def write_squashfs_native(entries: Iterable[Entry], fd: int, base: int, compression: str, level: int | None,
+                          block_size: int, reporter: Reporter, what: str, **kw):
+    """The stream into hpcconv's own SquashFS writer at `base` of `fd`; xattrs SquashFS cannot store
+    are dropped with a warning, as with the external tools. Returns the finished writer and the
+    BlockReuse (or None) to record the image in once it is in place (`reuse.save`)."""
+    from . import sqfs
+
+    if compression not in sqfs.COMPRESSORS:
+        raise UsageError(f"unknown squashfs compression {compression!r}", hint="use gzip or zstd")
+    if level is None:
+        level = SQFS_LEVELS.get(compression)
+    reuse = None
+    where = _REUSE_DIR.get()
+    if where is not None and os.environ.get("HPCCONV_BLOCK_REUSE", "1") != "0":
+        reuse = sqfs.BlockReuse(where, sqfs.settings_name(compression, level, block_size))
+    dropped: list[str] = []
+    task = reporter.task(what)
+    try:
+        w = sqfs.write(_sqfs_entries(entries, dropped), fd, base, compression=compression, level=level,
+                       block_size=block_size, progress=task.advance, reuse=reuse, **kw)
+    finally:
+        if reuse is not None:
+            reuse.close()
+    task.done()
+    if dropped:
+        reporter.log("warn", f"{len(dropped)} xattrs SquashFS cannot store were dropped, e.g. {dropped[0]}")
+    if w.blocks_reused:
+        reporter.log("info", f"{w.blocks_reused} of {w.blocks_written} compressed blocks reused from "
+                             f"{reuse.images} earlier image(s)")
+    return w, reuse
+
+
 def write_squashfs(entries: Iterable[Entry], path: Path | str, compression: str = "gzip",
                    reporter: Reporter = NULL, level: int | None = None, block_size: int = BLOCK_SIZE,
-                   force: bool = False) -> int:
-    """Pipe the stream as a tar into tar2sqfs (or mksquashfs -tar). Returns the entry count."""
+                   force: bool = False, record_later: list | None = None) -> int:
+    """Write the stream as a SquashFS image with hpcconv's own writer (gzip, zstd), or piped as a tar
+    into tar2sqfs (or mksquashfs -tar). Returns the entry count. The image is recorded for block
+    reuse at `path`; a caller that moves it elsewhere passes `record_later`, a list that receives a
+    `record(final_path)` function to call once the image is there."""
     path = Path(path)
     dropped: list[str] = []
+    if squashfs_builder(compression) == "hpcconv":
+        with _atomic(path, force) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                w, reuse = write_squashfs_native(entries, fd, 0, compression, level, block_size, reporter,
+                                                 f"writing {path.name}")
+            finally:
+                os.close(fd)
+        if reuse is not None:
+            if record_later is not None:
+                record_later.append(lambda final: reuse.save(final, 0, w))
+            else:
+                reuse.save(path, 0, w)
+        return w.count
     with _atomic(path, force) as tmp:
         cmd = squashfs_command(tmp, compression, level, block_size)
         with tempfile.TemporaryFile() as err:

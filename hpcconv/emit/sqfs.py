@@ -1,0 +1,790 @@
+"""hpcconv's own SquashFS 4.0 writer: an entry stream (entries.py) straight into an image.
+
+Why not only `tar2sqfs`: piping the stream as a tar into it costs a tar header per entry, a copy of
+every byte through a pipe and tar2sqfs's own parsing, and it cannot reuse anything of an earlier
+image. Here the content goes from the layer reader to the compressor threads with no copy but the
+block cut, only the metadata (about 100 bytes an entry) is built in Python, and the compressed
+blocks of earlier images are reused (`BlockReuse`). The external tools stay available
+(HPCCONV_SQUASHFS_BUILDER=external, and for xz/lz4/lzo).
+
+Layout (as the kernel's fs/squashfs and squashfs-tools read it; https://dr-emann.github.io/squashfs/):
+superblock (96 bytes), compressor options, data and fragment blocks, inode table, directory table,
+fragment table (metadata blocks, then their index), id table (same), xattr key/value blocks, xattr
+id table and its header; the whole padded to 4 KiB. The kernel checks that order (each table must
+end before the next starts), so it is kept.
+
+* Data: each file's content is cut into `block_size` blocks, compressed on `jobs` threads
+  (zstandard and zlib release the GIL) and written in stream order. A block that does not shrink is
+  stored raw (bit 24 of its size); an all-zero full block is a hole (size 0, nothing written).
+  Files smaller than one block go into shared fragment blocks; a bigger file's last partial block
+  is a short block of its own (mksquashfs's default, not -always-use-fragments). Small files are
+  hashed on the pool in batches of about a block and packed into fragments in stream order; a
+  fragment block is written right after the batch that filled it, so the image never depends on
+  which thread finished first (byte-reproducible, like tar2sqfs's).
+* Duplicates (the DUPLICATES flag): a file whose blocks (sha256 of each uncompressed block) equal an
+  earlier file's points at those and its own copy is cut off the end of the output again; a small
+  file whose content equals an earlier one's shares its fragment.
+* Metadata: inodes are written children first, so every directory's listing can name its entries'
+  inode positions; inode numbers are given in that same order beforehand, so a directory can name
+  its parent's. Directory entries are sorted by name bytes; a run of entries shares one header while
+  it stays within 256 entries, one inode metadata block and +-32767 inode numbers. Extended inodes
+  where the basic ones cannot hold the value (xattrs, hard links, sparse files, large sizes and
+  offsets, directories whose listing is over 64 KiB). The compressor level is recorded in the
+  compressor options, as mksquashfs and tar2sqfs do (`unsquashfs -s` shows it).
+* Stream semantics as the other sinks: a directory met again (or after its children) only sets its
+  attributes (tar2sqfs does that for a directory it made implicitly and refuses one named twice);
+  parents the stream never names are made 0755 root:root with time 0; a
+  hardlink names an earlier entry (not a directory); any other repeated path is an error.
+  xattrs outside user./trusted./security. are dropped by the caller (`sinks._sqfs_entries`).
+
+What it does not write: an NFS export table and directory indexes (a lookup in a huge directory
+scans its listing), as tar2sqfs by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import struct
+import threading
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+from ..cachefiles import read_trusted, write_atomic
+from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
+from ..errors import CorruptInput, UsageError
+
+SUPERBLOCK = struct.Struct("<IIIIIHHHHHHQQQQQQQQ")
+assert SUPERBLOCK.size == 96
+MAGIC = 0x73717368
+COMPRESSORS = {"gzip": 1, "zstd": 6}
+META_SIZE = 8192
+NO_INDEX = 0xFFFFFFFF
+NO_TABLE = 0xFFFFFFFFFFFFFFFF
+RAW_BLOCK = 1 << 24
+RAW_META = 0x8000
+FLAG_DUPLICATES = 0x0040
+FLAG_NO_XATTRS = 0x0200
+FLAG_COMPRESSOR_OPTIONS = 0x0400
+DEFAULT_LEVELS = {"gzip": 9, "zstd": 15}
+PAD = 4096
+
+# inode types (basic; the extended one is basic + 7)
+T_DIR, T_FILE, T_SYMLINK, T_BLOCK, T_CHAR, T_FIFO, T_SOCKET = 1, 2, 3, 4, 5, 6, 7
+_TYPES = {DIR: T_DIR, FILE: T_FILE, SYMLINK: T_SYMLINK, BLOCK: T_BLOCK, CHAR: T_CHAR, FIFO: T_FIFO}
+_XATTR_PREFIXES = ((b"user.", 0), (b"trusted.", 1), (b"security.", 2))
+
+_INODE_HEAD = struct.Struct("<HHHHII")
+_DIR_BASIC = struct.Struct("<IIHHI")
+_DIR_EXT = struct.Struct("<IIIIHHI")
+_FILE_BASIC = struct.Struct("<IIII")
+_FILE_EXT = struct.Struct("<QQQIIII")
+_DIR_HEADER = struct.Struct("<III")
+_DIR_ENTRY = struct.Struct("<HhHH")
+
+
+def compressor(name: str, level: int | None):
+    """A thread-safe `compress(bytes) -> bytes` for SquashFS blocks (zlib streams for "gzip", as the
+    kernel's and mksquashfs's gzip compressor use; zstd frames)."""
+    if name == "gzip":
+        lvl = 9 if level is None else level
+        return lambda data: zlib.compress(data, lvl)
+    if name == "zstd":
+        import zstandard
+
+        local = threading.local()
+        lvl = 15 if level is None else level
+
+        def compress(data):
+            c = getattr(local, "c", None)
+            if c is None:
+                c = local.c = zstandard.ZstdCompressor(level=lvl)
+            return c.compress(data)
+        return compress
+    raise ValueError(f"hpcconv's SquashFS writer has no {name} compressor")
+
+
+class _Meta:
+    """Metadata blocks: 8 KiB of uncompressed bytes each, behind a 2-byte length."""
+
+    def __init__(self, compress):
+        self.compress = compress
+        self.out = bytearray()
+        self.buf = bytearray()
+        self.starts: list[int] = []
+
+    def ref(self) -> int:
+        """Where the next byte goes: (start of its block in this table << 16) | offset in the block."""
+        return (len(self.out) << 16) | len(self.buf)
+
+    def add(self, data: bytes) -> None:
+        self.buf += data
+        while len(self.buf) >= META_SIZE:
+            self._flush(META_SIZE)
+
+    def _flush(self, n: int) -> None:
+        chunk = bytes(self.buf[:n])
+        del self.buf[:n]
+        self.starts.append(len(self.out))
+        packed = self.compress(chunk)
+        if len(packed) < len(chunk):
+            self.out += struct.pack("<H", len(packed)) + packed
+        else:
+            self.out += struct.pack("<H", len(chunk) | RAW_META) + chunk
+
+    def finish(self) -> bytes:
+        if self.buf:
+            self._flush(len(self.buf))
+        return bytes(self.out)
+
+
+class _Node:
+    __slots__ = ("type", "mode", "uid", "gid", "mtime", "xattrs", "nlink", "children", "size", "start",
+                 "blocks", "frag", "sparse", "target", "rdev", "ref", "number", "digests", "pdigests")
+
+    def __init__(self, t: int, e: Entry | None):
+        self.type = t
+        self.nlink = 1
+        self.children: dict[bytes, _Node] | None = {} if t == T_DIR else None
+        self.size = 0
+        self.start = 0
+        self.blocks: list[int] | None = None
+        self.frag = (NO_INDEX, 0)
+        self.sparse = 0
+        self.target = b""
+        self.rdev = 0
+        self.ref = 0
+        self.number = 0
+        self.digests: list[bytes] | None = None
+        self.pdigests: list[bytes | None] | None = None
+        if e is None:
+            self.mode, self.uid, self.gid, self.mtime, self.xattrs = 0o755, 0, 0, 0, None
+        else:
+            self.set_attrs(e)
+
+    def set_attrs(self, e: Entry) -> None:
+        if not (0 <= e.uid <= 0xFFFFFFFF and 0 <= e.gid <= 0xFFFFFFFF):
+            raise CorruptInput(f"entry {e.path!r} has an owner id SquashFS cannot store ({e.uid}:{e.gid})")
+        self.mode = e.mode & 0o7777
+        self.uid, self.gid = e.uid, e.gid
+        self.mtime = min(max(int(e.mtime), 0), 0xFFFFFFFF)
+        self.xattrs = e.xattrs or None
+
+
+def _hashes(batch: list[tuple[_Node, bytes]]) -> tuple[int, list[bytes], None, None, bool]:
+    sha = hashlib.sha256
+    return 0, [sha(data).digest() for _, data in batch], None, None, False
+
+
+def _read_exact(read, n: int, path: str) -> bytes:
+    data = read(n)
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = read(n - got)
+        if not more:
+            raise CorruptInput(f"content of {path} ended {n - got} bytes early")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+class SquashWriter:
+    """Write a SquashFS image into `fd` at `base` (0 for a plain image, the partition offset in a
+    SIF). `add(entry)` for each entry of the stream, then `finish()`; on error `abort()`."""
+
+    def __init__(self, fd: int, base: int = 0, *, compression: str = "zstd", level: int | None = None,
+                 block_size: int = 1 << 20, jobs: int | None = None, mod_time: int = 0,
+                 root_mtime: int = 0, clamp_mtime: int | None = None, progress=None,
+                 reuse: "BlockReuse | None" = None):
+        if block_size & (block_size - 1) or not 4096 <= block_size <= 1 << 20:
+            raise UsageError(f"SquashFS block size must be a power of 2 from 4 KiB to 1 MiB, not {block_size}")
+        self.fd, self.base = fd, base
+        self.comp_id = COMPRESSORS[compression]
+        self.compress = compressor(compression, level)
+        # the level, as mksquashfs and tar2sqfs record it (unsquashfs -s shows it), in an uncompressed
+        # metadata block after the superblock: gzip level, window 15, no strategies; zstd level
+        level = DEFAULT_LEVELS[compression] if level is None else level
+        opts = struct.pack("<IHH", level, 15, 0) if compression == "gzip" else struct.pack("<I", level)
+        self.options = struct.pack("<H", len(opts) | RAW_META) + opts
+        self.block_size = block_size
+        self.jobs = jobs or max(1, len(os.sched_getaffinity(0)))
+        self.pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="sqfs")
+        self.window = 2 * self.jobs + 2           # compressed blocks in flight (memory: that many MiB)
+        self.pending: deque = deque()
+        self.in_flight = 0
+        self.mod_time = mod_time
+        self.clamp = clamp_mtime
+        self.root = _Node(T_DIR, None)
+        self.root.mtime = root_mtime
+        self.nodes: dict[str, _Node] = {"": self.root}
+        self.pos = SUPERBLOCK.size + len(self.options)   # relative to base
+        self.zero = bytes(block_size)
+        self.runs: dict[bytes, tuple[int, list[int], int]] = {}   # block-run digest -> (start, sizes, sparse)
+        self.tails: dict[bytes, tuple[int, int]] = {}             # small file sha256 -> fragment
+        self.batch: list[tuple[_Node, bytes]] = []                # small files not yet hashed
+        self.batch_bytes = 0
+        self.frag_parts: list[bytes] = []                          # the fragment block being filled
+        self.frag_len = 0
+        self.frags: list[tuple[int, int] | None] = []             # fragment index -> (start, size field)
+        self.frag_new: list = []                                   # fragment jobs to queue next
+        self.count = 0
+        self.duplicates = 0
+        self.progress = progress or (lambda n: None)
+        self.reuse = reuse
+        self.records: list[bytes] = []                             # what a later run may reuse
+        self.blocks_written = self.blocks_reused = 0
+        self.frag_keys: list[bytes] = []
+        os.ftruncate(fd, base + self.pos)
+
+    # -- the stream --------------------------------------------------------------------------------------
+    def _parent(self, path: str) -> tuple[_Node, bytes]:
+        head, _, name = path.rpartition("/")
+        parent = self.nodes.get(head)
+        if parent is None:
+            parent, _ = self._implicit(head)
+        elif parent.type != T_DIR:
+            raise CorruptInput(f"entry {path!r} is below {head!r}, which is not a directory")
+        bname = os.fsencode(name)
+        if len(bname) > 255:
+            raise CorruptInput(f"entry {path!r}: a name is longer than 255 bytes")
+        return parent, bname
+
+    def _implicit(self, path: str) -> tuple[_Node, bytes]:
+        parent, name = self._parent(path)
+        node = _Node(T_DIR, None)
+        node.mode, node.mtime = 0o755, 0
+        parent.children[name] = node
+        self.nodes[path] = node
+        return node, name
+
+    def add(self, e: Entry) -> None:
+        path = e.path
+        old = self.nodes.get(path)
+        if old is not None:
+            if e.type == DIR and old.type == T_DIR:
+                old.set_attrs(e)
+                self._clamp(old)
+                self.count += 1
+                return
+            raise CorruptInput(f"entry {path!r} appears twice in the stream")
+        parent, name = self._parent(path)
+        t = e.type
+        if t == HARDLINK:
+            node = self.nodes.get(e.linkname)
+            if node is None:
+                raise CorruptInput(f"hardlink {path!r} names {e.linkname!r}, which is not an earlier entry")
+            if node.type == T_DIR:
+                raise CorruptInput(f"hardlink {path!r} names a directory ({e.linkname!r})")
+            node.nlink += 1
+        else:
+            if t not in _TYPES:
+                raise CorruptInput(f"entry {path!r} has a type SquashFS cannot store ({t})")
+            node = _Node(_TYPES[t], e)
+            self._clamp(node)
+            if t == FILE:
+                self._file(node, e)
+            elif t == SYMLINK:
+                node.target = os.fsencode(e.linkname)
+            elif t in (CHAR, BLOCK):
+                node.rdev = (e.devminor & 0xFF) | ((e.devmajor & 0xFFF) << 8) | ((e.devminor & ~0xFF) << 12)
+        parent.children[name] = node
+        self.nodes[path] = node
+        self.count += 1
+
+    def _clamp(self, node: _Node) -> None:
+        if self.clamp is not None and node.mtime > self.clamp:
+            node.mtime = self.clamp
+
+    def _file(self, node: _Node, e: Entry) -> None:
+        size = node.size = e.size
+        if size == 0:
+            node.blocks = []
+            return
+        read = e.reader.read
+        bs = self.block_size
+        if size < bs:
+            data = _read_exact(read, size, e.path)
+            node.blocks = []
+            self.batch.append((node, data))
+            self.batch_bytes += size
+            if self.batch_bytes >= bs:
+                self._submit_batch()
+            self.progress(size)
+            return
+        node.blocks = []
+        node.digests = []
+        node.pdigests = []
+        left = size
+        while left > 0:
+            data = _read_exact(read, min(bs, left), e.path)
+            left -= len(data)
+            self._queue(("b", node, self.pool.submit(self._block, data, None)))
+            self.progress(len(data))
+        self._queue(("e", node, None))
+
+    def _block(self, data: bytes | list[bytes], key: bytes | None):
+        """(size field, bytes to write, key, sha256 of those bytes or None, reused) of one data or
+        fragment block (a fragment comes as its parts); runs on a pool thread. The key is the sha256
+        of the uncompressed bytes (a fragment's: of its parts' sha256s)."""
+        if key is None:
+            if len(data) == self.block_size and data == self.zero:
+                return 0, b"", b"\0" * 32, None, False
+            key = hashlib.sha256(data).digest()
+        if self.reuse is not None:
+            hit = self.reuse.read(key)
+            if hit is not None:
+                return hit[0], hit[1], key, hit[2], True
+        if isinstance(data, list):
+            data = b"".join(data)
+        packed = self.compress(data)
+        if len(packed) < len(data):
+            size, payload = len(packed), packed
+        else:
+            size, payload = len(data) | RAW_BLOCK, data
+        return size, payload, key, hashlib.sha256(payload).digest() if self.reuse is not None else None, False
+
+    def _submit_batch(self) -> None:
+        """Small files go to the pool in batches of about a block to be hashed (for dedup) there,
+        not on this thread; they are packed into fragments in stream order when the hashes are back."""
+        if self.batch:
+            batch = self.batch
+            self.batch, self.batch_bytes = [], 0
+            self._queue(("s", batch, self.pool.submit(_hashes, batch)))
+
+    def _pack(self, batch: list[tuple[_Node, bytes]], digests: list[bytes]) -> None:
+        for (node, data), key in zip(batch, digests):
+            known = self.tails.get(key)
+            if known is not None:
+                node.frag = known
+                self.duplicates += 1
+                continue
+            if self.frag_len + len(data) > self.block_size:
+                self._flush_fragment()
+            node.frag = (len(self.frags), self.frag_len)
+            self.tails[key] = node.frag
+            self.frag_parts.append(data)
+            self.frag_keys.append(key)
+            self.frag_len += len(data)
+
+    def _flush_fragment(self) -> None:
+        if not self.frag_parts:
+            return
+        parts = self.frag_parts
+        key = hashlib.sha256(b"fragment:" + b"".join(self.frag_keys)).digest()
+        self.frag_parts, self.frag_keys, self.frag_len = [], [], 0
+        self.frags.append(None)
+        self.frag_new.append(("f", len(self.frags) - 1, self.pool.submit(self._block, parts, key)))
+
+    # -- ordered output --------------------------------------------------------------------------------
+    def _queue(self, item) -> None:
+        self.pending.append(item)
+        if item[2] is not None:
+            self.in_flight += 1
+        self._drain(self.in_flight > self.window)
+
+    def _drain(self, wait: bool, everything: bool = False) -> None:
+        """Write what is done at the head of the queue; with `wait`, wait until no more than the
+        window is in flight; with `everything`, until the queue is empty."""
+        pending = self.pending
+        wait = wait or everything
+        while pending:
+            kind, node, fut = pending[0]
+            if fut is not None:
+                if not wait and not fut.done():
+                    return
+                size, payload, digest, pdigest, reused = fut.result()
+                self.in_flight -= 1
+                wait = everything or self.in_flight > self.window
+            pending.popleft()
+            if kind == "b":
+                if not node.blocks:
+                    node.start = self.pos
+                node.blocks.append(size)
+                node.digests.append(digest)
+                node.pdigests.append(pdigest)
+                self.blocks_reused += reused
+                if size == 0:
+                    node.sparse += self.block_size
+                else:
+                    self._write(payload)
+            elif kind == "f":
+                self.frags[node] = (self.pos, size)
+                self.blocks_reused += reused
+                self._record(digest, self.pos, size, pdigest)
+                self._write(payload)
+            elif kind == "s":
+                self._pack(node, payload)
+                self._queue_fragments()
+            else:   # end of a file's blocks
+                self._end_run(node)
+
+    def _queue_fragments(self) -> None:
+        """Fragment blocks filled from a batch are written right after it: a place fixed by the
+        stream alone (the image must not depend on thread timing) and never inside a file's run
+        of blocks (a batch is queued between files)."""
+        if self.frag_new:
+            self.pending.extendleft(reversed(self.frag_new))
+            self.in_flight += len(self.frag_new)
+            self.frag_new = []
+
+    def _write(self, payload: bytes) -> None:
+        view = memoryview(payload)
+        while view:
+            n = os.pwrite(self.fd, view, self.base + self.pos)
+            self.pos += n
+            view = view[n:]
+
+    def _end_run(self, node: _Node) -> None:
+        key = hashlib.sha256(b"".join(node.digests) + struct.pack("<Q", node.size)).digest()
+        digests, pdigests = node.digests, node.pdigests
+        node.digests = node.pdigests = None
+        known = self.runs.get(key)
+        if known is None:
+            self.runs[key] = (node.start, node.blocks, node.sparse)
+            pos = node.start
+            for size, k, pd in zip(node.blocks, digests, pdigests):
+                if size:
+                    self._record(k, pos, size, pd)
+                    pos += size & ~RAW_BLOCK
+            return
+        self.pos = node.start                     # the copy just written is cut off again
+        os.ftruncate(self.fd, self.base + self.pos)
+        node.start, node.blocks, node.sparse = known
+        self.duplicates += 1
+
+    def _record(self, key: bytes, pos: int, size: int, pdigest: bytes | None) -> None:
+        self.blocks_written += 1
+        if self.reuse is not None and pdigest is not None:
+            self.records.append(_REUSE_RECORD.pack(key, pos, size, pdigest))
+
+    # -- the end ---------------------------------------------------------------------------------------
+    def abort(self) -> None:
+        for _, _, fut in self.pending:
+            if fut is not None:
+                fut.cancel()
+        for _, _, fut in self.frag_new:
+            fut.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def finish(self) -> int:
+        """Write everything after the data, then the superblock. Returns the image size (padded)."""
+        self._submit_batch()
+        self._drain(True, everything=True)
+        self._flush_fragment()
+        self._queue_fragments()
+        self._drain(True, everything=True)
+        self.pool.shutdown(wait=True)
+        order = self._order()
+        for i, node in enumerate(order, 1):
+            node.number = i
+        ids: dict[int, int] = {}
+        xattr_sets: dict[tuple, int] = {}
+        inodes = _Meta(self.compress)
+        dirs = _Meta(self.compress)
+        parents: dict[int, int] = {id(self.root): len(order) + 1}
+        for node in order:
+            if node.type == T_DIR:
+                for child in node.children.values():
+                    if child.type == T_DIR:
+                        parents[id(child)] = node.number
+        for node in order:
+            if node.type == T_DIR:
+                listing_ref = dirs.ref()
+                listing = self._listing(node)
+                dirs.add(listing)
+                self._inode(inodes, node, ids, xattr_sets, listing_ref, len(listing), parents[id(node)])
+            else:
+                self._inode(inodes, node, ids, xattr_sets, 0, 0, 0)
+        inode_start = self.pos
+        self._write(inodes.finish())
+        dir_start = self.pos
+        self._write(dirs.finish())
+        frag_start = self._table(b"".join(struct.pack("<QII", s, z, 0) for s, z in self.frags))
+        id_list = sorted(ids, key=ids.get)
+        id_start = self._table(struct.pack(f"<{len(id_list)}I", *id_list))
+        xattr_start = self._xattrs(xattr_sets) if xattr_sets else NO_TABLE
+        used = self.pos
+        pad = -used % PAD
+        if pad:
+            self._write(bytes(pad))
+        flags = FLAG_DUPLICATES | FLAG_COMPRESSOR_OPTIONS | (0 if xattr_sets else FLAG_NO_XATTRS)
+        sb = SUPERBLOCK.pack(MAGIC, len(order), self.mod_time, self.block_size, len(self.frags), self.comp_id,
+                             self.block_size.bit_length() - 1, flags, len(id_list), 4, 0, self.root.ref, used,
+                             id_start, xattr_start, inode_start, dir_start, frag_start, NO_TABLE)
+        os.pwrite(self.fd, sb + self.options, self.base)
+        return used + pad
+
+    def _order(self) -> list[_Node]:
+        """Every inode once, children before their directory, directories' entries in name order."""
+        order: list[_Node] = []
+        seen: set[int] = set()
+        stack = [(self.root, iter(sorted(self.root.children.items())))]
+        while stack:
+            node, it = stack[-1]
+            for _, child in it:
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                if child.type == T_DIR:
+                    stack.append((child, iter(sorted(child.children.items()))))
+                    break
+                order.append(child)
+            else:
+                stack.pop()
+                order.append(node)
+        return order
+
+    def _listing(self, node: _Node) -> bytes:
+        out = []
+        run: list[bytes] = []
+        block = base = -1
+        for name, child in sorted(node.children.items()):
+            cblock, coff = child.ref >> 16, child.ref & 0xFFFF
+            if not run or cblock != block or len(run) == 256 or abs(child.number - base) > 32767:
+                if run:
+                    out.append(_DIR_HEADER.pack(len(run) - 1, block, base))
+                    out.extend(run)
+                run, block, base = [], cblock, child.number
+            run.append(_DIR_ENTRY.pack(coff, child.number - base, child.type, len(name) - 1) + name)
+        if run:
+            out.append(_DIR_HEADER.pack(len(run) - 1, block, base))
+            out.extend(run)
+        return b"".join(out)
+
+    def _inode(self, meta: _Meta, node: _Node, ids: dict, xattr_sets: dict, listing_ref: int, listing_len: int,
+               parent: int) -> None:
+        uid = ids.setdefault(node.uid, len(ids))
+        gid = ids.setdefault(node.gid, len(ids))
+        if len(ids) > 65536:
+            raise CorruptInput("the image has more than 65536 distinct owner ids, more than SquashFS can store")
+        xattr = NO_INDEX
+        if node.xattrs:
+            key = tuple(sorted(node.xattrs.items()))
+            xattr = xattr_sets.setdefault(key, len(xattr_sets))
+        t = node.type
+        if t == T_DIR:
+            nlink = 2 + sum(1 for c in node.children.values() if c.type == T_DIR)
+            ext = xattr != NO_INDEX or listing_len + 3 > 0xFFFF
+            block, off = listing_ref >> 16, listing_ref & 0xFFFF
+            if ext:
+                body = _DIR_EXT.pack(nlink, listing_len + 3, block, parent, 0, off, xattr)
+            else:
+                body = _DIR_BASIC.pack(block, nlink, listing_len + 3, off, parent)
+        elif t == T_FILE:
+            sizes = struct.pack(f"<{len(node.blocks)}I", *node.blocks)
+            fidx, foff = node.frag
+            ext = (xattr != NO_INDEX or node.nlink > 1 or node.sparse or node.size > 0xFFFFFFFF
+                   or node.start > 0xFFFFFFFF)
+            if ext:
+                body = _FILE_EXT.pack(node.start, node.size, node.sparse, node.nlink, fidx, foff, xattr) + sizes
+            else:
+                body = _FILE_BASIC.pack(node.start, fidx, foff, node.size) + sizes
+        elif t == T_SYMLINK:
+            ext = xattr != NO_INDEX
+            body = struct.pack("<II", node.nlink, len(node.target)) + node.target
+            if ext:
+                body += struct.pack("<I", xattr)
+        elif t in (T_BLOCK, T_CHAR):
+            ext = xattr != NO_INDEX
+            body = struct.pack("<III", node.nlink, node.rdev, xattr) if ext else struct.pack("<II", node.nlink, node.rdev)
+        else:
+            ext = xattr != NO_INDEX
+            body = struct.pack("<II", node.nlink, xattr) if ext else struct.pack("<I", node.nlink)
+        node.ref = meta.ref()
+        meta.add(_INODE_HEAD.pack(t + 7 if ext else t, node.mode, uid, gid, node.mtime, node.number) + body)
+
+    def _table(self, data: bytes) -> int:
+        """Metadata blocks of `data`, then the index of their positions; returns the index position."""
+        meta = _Meta(self.compress)
+        meta.add(data)
+        blob = meta.finish()
+        start = self.pos
+        self._write(blob)
+        index = self.pos
+        self._write(struct.pack(f"<{len(meta.starts)}Q", *(start + s for s in meta.starts)))
+        return index
+
+    def _xattrs(self, sets: dict[tuple, int]) -> int:
+        kv = _Meta(self.compress)
+        ids = []
+        for items in sorted(sets, key=sets.get):
+            ref = kv.ref()
+            size = 0
+            for key, value in items:
+                kb = os.fsencode(key) if isinstance(key, str) else key
+                for prefix, code in _XATTR_PREFIXES:
+                    if kb.startswith(prefix):
+                        name = kb[len(prefix):]
+                        break
+                else:
+                    raise CorruptInput(f"xattr {key!r} has a prefix SquashFS cannot store")
+                rec = struct.pack("<HH", code, len(name)) + name + struct.pack("<I", len(value)) + value
+                kv.add(rec)
+                size += len(rec)
+            ids.append(struct.pack("<QII", ref, len(items), size))
+        kv_start = self.pos
+        self._write(kv.finish())
+        meta = _Meta(self.compress)
+        meta.add(b"".join(ids))
+        blob = meta.finish()
+        id_start = self.pos
+        self._write(blob)
+        header = self.pos
+        self._write(struct.pack("<QII", kv_start, len(ids), 0))
+        self._write(struct.pack(f"<{len(meta.starts)}Q", *(id_start + s for s in meta.starts)))
+        return header
+
+
+def write(entries: Iterable[Entry], fd: int, base: int = 0, **kw) -> SquashWriter:
+    """Write the stream as a SquashFS image into `fd` at `base`. Returns the finished writer
+    (`count` entries, `size` bytes, `records` for BlockReuse.save)."""
+    w = SquashWriter(fd, base, **kw)
+    try:
+        for e in entries:
+            w.add(e)
+        w.size = w.finish()
+    except BaseException:
+        w.abort()
+        raise
+    return w
+
+
+# reuse of earlier images' compressed blocks ----------------------------------------------------------------
+_REUSE_RECORD = struct.Struct("<32sQI32s")    # key, position in the image, size field, sha256 of the bytes
+_REUSE_MAGIC = b"hpcconv block-reuse 1\n"
+REUSE_KEEP = 16                               # newest indexes kept per setting
+
+
+def settings_name(compression: str, level: int | None, block_size: int) -> str:
+    """Blocks are reusable only between images made with the same compressor, level, block size
+    and compressor library version (so a warm image is byte-identical to a cold one)."""
+    if compression == "zstd":
+        import zstandard
+
+        lib = "zstd" + ".".join(map(str, zstandard.ZSTD_VERSION))
+    else:
+        lib = "zlib" + zlib.ZLIB_RUNTIME_VERSION
+    return f"{compression}-{DEFAULT_LEVELS[compression] if level is None else level}-{block_size}-{lib}"
+
+
+class BlockReuse:
+    """The compressed blocks of images this user made earlier with the same settings, found by
+    the sha256 of their uncompressed bytes, so a conversion that differs from an earlier one in a
+    few files (another profile, a rebuilt top layer) compresses only what changed.
+
+    Nothing is copied: `<dir>/<settings>/<hash of the output path>.idx`, written after an image is
+    in place, says where each block of it is; an index is used only while its image is the same
+    file (device, inode, size, modification time) and only if this user wrote it, and every block
+    read from an image must match the sha256 recorded for it, else it is compressed afresh.
+    An image removed, moved or rewritten since simply gives no blocks. HPCCONV_BLOCK_REUSE=0 turns
+    it off."""
+
+    def __init__(self, directory: Path, settings: str):
+        self.dir = Path(directory) / settings
+        self.blocks: dict[bytes, tuple[int, int, int, bytes]] = {}
+        self.fds: list[int] = []
+        self.images = 0
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            names = [n for n in os.listdir(self.dir) if n.endswith(".idx")]
+        except OSError:
+            return
+        found = []
+        for n in names:
+            with contextlib.suppress(OSError):
+                found.append((os.lstat(self.dir / n).st_mtime_ns, n))
+        found.sort(reverse=True)
+        for i, (_, n) in enumerate(found):
+            path = self.dir / n
+            if i >= REUSE_KEEP or not self._take(path):
+                with contextlib.suppress(OSError):
+                    if os.lstat(path).st_uid == os.getuid():
+                        os.unlink(path)          # an old index, or its image is gone or changed
+
+    @staticmethod
+    def _open(path: Path) -> tuple[int, dict, memoryview] | None:
+        """(fd of the recorded image, header, records) of an index this user wrote whose image is
+        still the same file, else None."""
+        try:
+            data = read_trusted(path)
+            if not data.startswith(_REUSE_MAGIC):
+                return None
+            head_end = data.index(b"\n", len(_REUSE_MAGIC))
+            head = json.loads(data[len(_REUSE_MAGIC):head_end])
+            fd = os.open(head["path"], os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        st = os.fstat(fd)
+        if [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns] != head.get("stat"):
+            os.close(fd)
+            return None
+        return fd, head, memoryview(data)[head_end + 1:]
+
+    @classmethod
+    def still_valid(cls, path: Path) -> bool:
+        """Whether an index can still be used (`store gc` drops the others)."""
+        got = cls._open(path)
+        if got is None:
+            return False
+        os.close(got[0])
+        return True
+
+    def _take(self, path: Path) -> bool:
+        got = self._open(path)
+        if got is None:
+            return False
+        fd, head, recs = got
+        self.fds.append(fd)
+        self.images += 1
+        base = int(head.get("base", 0))
+        size = _REUSE_RECORD.size
+        for off in range(0, len(recs) - len(recs) % size, size):
+            key, pos, field, digest = _REUSE_RECORD.unpack_from(recs, off)
+            self.blocks.setdefault(key, (fd, base + pos, field, digest))
+        return True
+
+    def read(self, key: bytes) -> tuple[int, bytes, bytes] | None:
+        """(size field, bytes, their sha256) of an earlier block with that key, if still intact."""
+        hit = self.blocks.get(key)
+        if hit is None:
+            return None
+        fd, off, field, digest = hit
+        n = field & ~RAW_BLOCK
+        try:
+            data = os.pread(fd, n, off)
+        except OSError:
+            return None
+        if len(data) != n or hashlib.sha256(data).digest() != digest:
+            return None
+        return field, data, digest
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def save(self, image: Path, base: int, writer: SquashWriter) -> None:
+        """Record where `writer`'s blocks are in `image` (once it is in its final place)."""
+        if not writer.records:
+            return
+        try:
+            path = os.path.abspath(image)
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return
+        head = json.dumps({"path": path, "base": base, "stat": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]})
+        name = hashlib.sha256(os.fsencode(path)).hexdigest()[:32] + ".idx"
+        write_atomic(self.dir / name, _REUSE_MAGIC + head.encode() + b"\n" + b"".join(writer.records))

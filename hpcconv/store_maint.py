@@ -241,6 +241,7 @@ class GcReport:
     partials_removed: int = 0
     temps_removed: int = 0
     index_cache_removed: int = 0
+    block_reuse_removed: int = 0
     dry_run: bool = False
 
     def to_json(self) -> dict:
@@ -248,6 +249,7 @@ class GcReport:
                 "kept_leased": self.kept_leased, "live_leases": self.live_leases,
                 "stale_leases_removed": self.stale_leases, "partials_removed": self.partials_removed,
                 "temporaries_removed": self.temps_removed, "index_cache_removed": self.index_cache_removed,
+                "block_reuse_removed": self.block_reuse_removed,
                 "dry_run": self.dry_run}
 
 
@@ -280,6 +282,7 @@ def gc(store: Store, grace: float = DEFAULT_GRACE, partial_grace: float = DEFAUL
         rep.partials_removed, rep.temps_removed = _reclaim_tmp(store, now, grace, partial_grace, dry_run)
         rep.index_cache_removed = _prune_index_cache(store, set(rep.removed) if dry_run else set(), now, grace,
                                                      dry_run)
+        rep.block_reuse_removed = _prune_block_reuse(store, now, grace, dry_run)
     return rep
 
 
@@ -301,6 +304,31 @@ def _prune_index_cache(store: Store, gone: set[str], now: float, grace: float, d
                 else:
                     digest = f"{algo_dir.name}:{hexd}"
                     stale = digest in gone or not (store.root / "blobs" / algo_dir.name / hexd).is_file()
+                if stale:
+                    n += 1
+                    if not dry_run:
+                        p.unlink()
+            except FileNotFoundError:
+                continue
+    return n
+
+
+def _prune_block_reuse(store: Store, now: float, grace: float, dry_run: bool) -> int:
+    """The SquashFS writer's block-reuse indexes (block-reuse/<settings>/*.idx) whose image is gone
+    or was changed, and write temporaries older than grace (emit/sqfs.py BlockReuse)."""
+    from .emit.sqfs import BlockReuse
+
+    n = 0
+    base = store.root / "block-reuse"
+    if not base.is_dir():
+        return 0
+    for d in base.iterdir():
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            try:
+                stale = (now - p.lstat().st_mtime >= grace if p.name.startswith(".")
+                         else not BlockReuse.still_valid(p))
                 if stale:
                     n += 1
                     if not dry_run:

@@ -9,9 +9,12 @@ Common rules for every sink:
   after the new one is complete.
 * ENOSPC becomes a one-line `OutputError` naming the output.
 * No rootfs is staged on disk for `tar` and `squashfs`: the stream is written as a tar straight into
-  the compressor or into `tar2sqfs`'s stdin.
+  the compressor, or into hpcconv's own SquashFS writer (or `tar2sqfs`'s stdin).
 
-SquashFS (`write_squashfs`): `tar2sqfs` (squashfs-tools-ng) reading the tar from stdin,
+SquashFS (`write_squashfs`): for gzip and zstd, hpcconv's own writer (emit/sqfs.py: the same
+block size and levels as below, byte-reproducible, duplicates removed, compressed blocks of
+earlier images reused inside `block_reuse_in`). With HPCCONV_SQUASHFS_BUILDER=external, and for
+xz/lz4/lzo: `tar2sqfs` (squashfs-tools-ng) reading the tar from stdin,
 `--no-skip` (a record it cannot read is an error, never silently dropped), `-j NCPU` compressor
 threads, `--defaults mtime=0,uid=0,gid=0,mode=0755` for the root inode (the stream never has one),
 which with `tar2sqfs`'s fixed superblock time makes the image byte-for-byte reproducible.

@@ -127,14 +127,20 @@ def test_elf_scanner_memory_is_bounded():
         s = ElfScanner(Entry(BIG, FILE), head, lambda e, i: out.setdefault("i", i), scan_instructions=True)
         s.feed(0, head)
         off = len(head)
+        waiting = 0
         while chunk := f.read(1 << 20):
             s.feed(off, chunk)
             off += len(chunk)
+            waiting = max(waiting, s._x86._bytes)       # pieces not yet handed to the scan's thread
         held = sum(len(b) for b in s._captured.values())
         s.close(True)
+    from hpcconv.rewrite.x86scan import PIECES_CAP
+
+    assert 0 < waiting < PIECES_CAP + (1 << 20)
     assert held <= PREFIX_CAP + 4 * SEGMENT_CAP
     info = out["i"]
     assert info.soname == "libmpich.so.12" and "libucp.so.0" in info.needed
+    info.isa_scan.wait()                                # the scan runs on a worker thread
     assert info.isa_scan.bytes_scanned > 30_000_000     # the whole executable segment was scanned
 
 

@@ -32,7 +32,8 @@ class ElfPass(Pass):
         self.machines: dict[str, list[str]] = {}       # machine name -> paths
         self.machine_nums: dict[str, int] = {}
         self.needed: dict[int, list[str]] = {}          # ISA level from notes -> paths
-        self.probable: dict[int, list[str]] = {}        # level from the scan -> paths
+        self._probable: dict[int, list[str]] = {}       # level from the scan -> paths
+        self._scans: list = []                          # (path, IsaScan) whose scan may still run
         self.hwcaps: set[str] = set()
         self.count = 0
 
@@ -53,9 +54,18 @@ class ElfPass(Pass):
         if lvl and lvl > 1:
             self.needed.setdefault(lvl, []).append(entry.path)
         if elf.isa_scan is not None:
-            p = probable_level(elf.isa_scan)
+            self._scans.append((entry.path, elf.isa_scan))
+
+    @property
+    def probable(self) -> dict[int, list[str]]:
+        """Level from the instruction scan -> paths. The scans run on a worker thread (x86scan):
+        their verdicts are taken here, when the report needs them."""
+        for path, scan in self._scans:
+            p = probable_level(scan)
             if p > 1:
-                self.probable.setdefault(p, []).append(entry.path)
+                self._probable.setdefault(p, []).append(path)
+        self._scans = []
+        return self._probable
 
     def facts(self) -> dict:
         return {"elf_files": self.count,

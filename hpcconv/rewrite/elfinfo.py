@@ -42,6 +42,13 @@ class IsaScan:
     evex: int = 0           # EVEX (62) encodings: AVX-512 -> x86-64-v4
     vex_clusters: int = 0
     evex_clusters: int = 0
+    pending: object = field(default=None, repr=False, compare=False)   # the scan's Future (x86scan)
+
+    def wait(self) -> None:
+        """Let a scan still running on the worker thread finish (its errors are raised here)."""
+        if self.pending is not None:
+            fut, self.pending = self.pending, None
+            fut.result()
 
 
 @dataclass
@@ -98,10 +105,10 @@ class ElfScanner:
             self.info.error = f"bad ELF header: {e}"
             self._ranges = []
         if scan_instructions and self.info.machine == 62 and self._exec and not _dispatching(entry.path):
-            from .x86scan import X86Scanner
+            from .x86scan import DeferredScanner
 
             self.info.isa_scan = IsaScan()
-            self._x86 = X86Scanner(self.info.isa_scan)
+            self._x86 = DeferredScanner(self.info.isa_scan)
 
     def _parse_header(self, h: bytes) -> None:
         cls, data = h[4], h[5]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import bisect
 import re
+import threading
+from collections import deque
 
 from ..speedups import native
 
@@ -204,6 +206,64 @@ class X86Scanner:
         self.scan.vex, self.scan.vex_clusters = self._vex.hits, self._vex.count
 
 
+class DeferredScanner:
+    """An X86Scanner whose work runs on one worker thread: `feed` keeps the pieces (references, no
+    copy) and hands them over every PIECES_CAP bytes and at `close`; the worker feeds them to the
+    real scanner in order (one thread: jobs run in the order given) and fills the IsaScan, which
+    `IsaScan.wait()` (called by `probable_level`) waits for. The scan is C without the GIL, so the
+    thread that reads the layers, the busiest one, no longer spends its time on it. Pieces waiting
+    for the worker are capped at PENDING_CAP bytes in all: past that, the oldest jobs are waited for."""
+
+    def __init__(self, scan):
+        self.scan = scan
+        self._real = X86Scanner(scan)          # used on the worker thread only
+        self._pieces: list[tuple[int, bytes]] = []
+        self._bytes = 0
+
+    def feed(self, offset: int, data: bytes) -> None:
+        self._pieces.append((offset, data))
+        self._bytes += len(data)
+        if self._bytes >= PIECES_CAP:
+            self._hand_over(False)
+
+    def close(self) -> None:
+        self._hand_over(True)
+
+    def _hand_over(self, last: bool) -> None:
+        pieces, n = self._pieces, self._bytes
+        self._pieces, self._bytes = [], 0
+        self.scan.pending = _submit(_run_scan, self._real, pieces, last, n)
+
+
+def _run_scan(real: X86Scanner, pieces: list[tuple[int, bytes]], last: bool) -> None:
+    for offset, data in pieces:
+        real.feed(offset, data)
+    if last:
+        real.close()
+
+
+PIECES_CAP = 8 << 20
+PENDING_CAP = 64 << 20
+_worker = None
+_queued: deque = deque()            # (future, bytes) not known to be done
+_lock = threading.Lock()
+
+
+def _submit(fn, *args):
+    global _worker
+    nbytes = args[-1]
+    with _lock:
+        if _worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _worker = ThreadPoolExecutor(1, thread_name_prefix="x86scan")
+        while _queued and (_queued[0][0].done() or sum(n for _, n in _queued) > PENDING_CAP):
+            _queued.popleft()[0].result()
+        fut = _worker.submit(fn, *args[:-1])
+        _queued.append((fut, nbytes))
+    return fut
+
+
 def _scan(kinds, buf: bytes, base: int, limit: int) -> None:
     if not kinds:
         return
@@ -219,6 +279,7 @@ def probable_level(scan) -> int:
     """x86-64 level the scanned code probably needs: 4 (AVX-512), 3 (AVX/AVX2/FMA) or 1 (nothing seen)."""
     if scan is None:
         return 1
+    scan.wait()
     if scan.evex_clusters or (scan.evex >= EVEX_MIN_HITS and scan.evex * EVEX_RATE >= scan.bytes_scanned):
         return 4
     if scan.vex_clusters:

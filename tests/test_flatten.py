@@ -505,7 +505,9 @@ def test_memory_stays_bounded_by_chunks(single_pass):
     finally:
         tracemalloc.stop()
     assert n == (96 << 20) + 1
-    assert peak < 12 << 20, f"peak {peak >> 20} MiB"
+    from hpcconv.compression import CHUNK
+
+    assert peak < 3 * CHUNK, f"peak {peak >> 20} MiB"      # a chunk queued, one decoded, one in hand
 
 
 def test_deep_tree_under_opaque_dir():

@@ -27,7 +27,7 @@ hardlinks to it along, because its content cannot be moved to a later name witho
 
 Ordering: the stream is passed through untouched in order, only metadata of a few watched paths is
 remembered, and the missing items are appended at the end (new paths, so the "directories first"
-contract holds; tar2sqfs and tar accept that order; file content is never buffered).
+contract holds; hpcconv's SquashFS writer, tar2sqfs and tar accept that order; file content is never buffered).
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ original content still streams through the scanners) and may append entries at t
 stream (``additions``), still in the same single pass. Additions are new paths; the runner emits
 any missing parent directory (0755 root) before an addition, and skips a directory addition whose
 path was already a directory, so "directories before their contents" holds. Every sink accepts
-new paths at the end (tar, ``tar2sqfs``, ``mksquashfs -tar`` and the directory writer do; the
-Charliecloud emitter appends its own items the same way). A hardlink whose target was dropped is
-dropped too (its target must be an earlier entry).
+new paths at the end (tar, hpcconv's SquashFS writer, ``tar2sqfs``, ``mksquashfs -tar`` and the
+directory writer do; the Charliecloud emitter appends its own items the same way). A hardlink
+whose target was dropped is dropped too (its target must be an earlier entry).
 """
 
 from __future__ import annotations

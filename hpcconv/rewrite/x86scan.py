@@ -243,7 +243,7 @@ def _run_scan(real: X86Scanner, pieces: list[tuple[int, bytes]], last: bool) -> 
 
 
 PIECES_CAP = 8 << 20
-PENDING_CAP = 64 << 20
+PENDING_CAP = 32 << 20
 _worker = None
 _queued: deque = deque()            # (future, bytes) not known to be done
 _lock = threading.Lock()

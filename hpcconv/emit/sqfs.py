@@ -18,7 +18,8 @@ end before the next starts), so it is kept.
   stored raw (bit 24 of its size); an all-zero full block is a hole (size 0, nothing written).
   Files smaller than one block go into shared fragment blocks; a bigger file's last partial block
   is a short block of its own (mksquashfs's default, not -always-use-fragments). Small files are
-  hashed on the pool in batches of about a block and packed into fragments in stream order; a
+  hashed on the pool in batches and packed into fragments in stream order (a fragment also ends
+  after a file whose hash says so, see FRAGMENT_CUT, so reuse survives added files); a
   fragment block is written right after the batch that filled it, so the image never depends on
   which thread finished first (byte-reproducible, like tar2sqfs's).
 * Duplicates (the DUPLICATES flag): a file whose blocks (sha256 of each uncompressed block) equal an
@@ -79,6 +80,14 @@ PAD = 4096
 # bigger jobs measured cold 11.8-12.3 s against 13.0-14.1 s (benchmark image, 2 vCPUs).
 GROUP = 4
 BATCH = 4
+# A fragment block also ends after a small file whose sha256 starts with a multiple of FRAGMENT_CUT
+# (1 in 128 files): where fragments end then depends on the files themselves, not only on
+# everything before them, so after a changed or added small file the packing falls back into step
+# with an earlier image's within a few blocks and the rest of its fragment blocks can be reused
+# (with "full" as the only rule, that happens by chance when file sizes vary, but never when they
+# are alike: one file added shifts every later fragment). On the benchmark image: 705 fragment
+# blocks instead of 533, an image 0.13 % bigger.
+FRAGMENT_CUT = 128
 
 # inode types (basic; the extended one is basic + 7)
 T_DIR, T_FILE, T_SYMLINK, T_BLOCK, T_CHAR, T_FIFO, T_SOCKET = 1, 2, 3, 4, 5, 6, 7
@@ -386,6 +395,8 @@ class SquashWriter:
             self.frag_parts.append(data)
             self.frag_keys.append(key)
             self.frag_len += len(data)
+            if key[0] % FRAGMENT_CUT == 0:
+                self._flush_fragment()
 
     def _flush_fragment(self) -> None:
         if not self.frag_parts:

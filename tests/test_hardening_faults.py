@@ -15,10 +15,13 @@ Retry-After, the redirect's missing Authorization.
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -258,6 +261,45 @@ def test_top_layers_are_flattened_while_lower_ones_still_download(fault_image, p
         check_store(store_dir, img.blobs)
     finally:
         gate.set()
+        proxy.stop()
+
+
+@pytest.mark.parametrize("follow", [True, False], ids=["following", "waiting"])
+def test_a_layer_is_read_while_its_blob_downloads(fault_image, plain_registry, test_certs, store_dir, monkeypatch,
+                                                 follow):
+    """The bottom layer arrives slowly (throttled): its file is yielded from the growing partial file
+    before the blob is complete, and its content is exact (the digest is checked at the end of the
+    read and again by the download). With HPCCONV_FOLLOW_DOWNLOADS=0 the reader waits for the
+    whole blob instead (the same check fails: the test can tell the two apart)."""
+    import hashlib
+
+    from hpcconv.flatten import Flattener
+    from hpcconv.sources import SourceOptions, open_source
+
+    monkeypatch.setenv("HPCCONV_FOLLOW_DOWNLOADS", "1" if follow else "0")
+    img, layers = fault_image
+    proxy = LoopbackProxy(test_certs, plain_registry)
+    proxy.throttle = 500_000                             # the 1.5 MB bottom layer takes ~3 s
+    blob0 = store_dir / "blobs" / "sha256" / layers[0].split(":")[1]
+    try:
+        opts = SourceOptions(store_path=str(store_dir), ca_cert=str(test_certs.ca), stream_layers=True)
+        image = open_source(f"docker://{proxy.host_port}/test/faults:1", opts)
+        entries = Flattener(image, single_pass=True).entries()
+        got = {}
+        for e in entries:
+            if e.path == "big":
+                complete_when_yielded = blob0.exists()
+            got[e.path] = hashlib.sha256(e.reader.read()).hexdigest()
+        image.downloads.finish()
+        assert complete_when_yielded == (not follow)
+        want = {}
+        for d in layers:
+            with tarfile.open(fileobj=io.BytesIO(gzip.decompress(img.blobs[d]))) as tf:
+                for ti in tf:
+                    want[ti.name] = hashlib.sha256(tf.extractfile(ti).read()).hexdigest()
+        assert got == want
+        check_store(store_dir, img.blobs)
+    finally:
         proxy.stop()
 
 

@@ -9,6 +9,7 @@ they are published), then store the manifest (and index) and tag the normalised 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -280,17 +281,26 @@ class Downloads:
         self._closed = False
 
     def wait(self, digest: str) -> None:
+        while not self.poll(digest, 0.1):
+            pass
+
+    def poll(self, digest: str, timeout: float) -> bool:
+        """Whether the blob is complete in the store, waiting up to `timeout` for it; raises the
+        first download error (any blob's, a corrupt one first)."""
         f = self._futures.get(digest)
         if f is None:
-            return
-        while not f.done():
+            return True
+        if not f.done():
             err = _first_error(_errors(self._futures.values()))
             if err is not None:
                 raise err
-            wait([f], timeout=0.1)
+            wait([f], timeout=timeout)
+            if not f.done():
+                return False
         err = _first_error(_errors([f]) + _errors(self._futures.values()))
         if err is not None:
             raise err
+        return True
 
     def finish(self) -> None:
         if self._closed:
@@ -321,6 +331,84 @@ class Downloads:
         self._client.close()
 
 
+class _Following(io.RawIOBase):
+    """A layer blob read while it downloads: from the store's partial file as it grows, then from
+    the published blob. Nothing read here is trusted yet: the caller's VerifyingReader checks the
+    size and digest of all it read when it reaches the end, as for a complete blob, and the
+    download's own check fails the conversion too (`Downloads.poll` raises its error). A partial
+    file that is truncated and written again (the server ignored a Range) holds the same bytes
+    again, since a blob is its digest: the reader waits until they are back. A download that starts
+    over in a new file is followed by reopening once the blob is published."""
+
+    MIN_PIECE = 1 << 20          # hand on less only at the end: every read costs the reader a GIL re-take
+
+    def __init__(self, downloads: "Downloads", store: Store, digest: str, size: int):
+        self._dl, self._store, self._digest, self._size = downloads, store, digest, size
+        algo, hexd = check_digest(digest)
+        self._partial = store.root / "tmp" / f"{algo}-{hexd}.partial"
+        self._fd: int | None = None
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self, final: bool) -> None:
+        paths = [self._store.blob_path(self._digest)] + ([] if final else [self._partial])
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd = fd
+            return
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._size - self._pos
+        n = left if n is None or n < 0 else min(n, left)
+        if n <= 0:
+            return b""
+        parts: list[bytes] = []
+        got = 0
+        while True:
+            if self._fd is None:
+                self._open(False)
+            if self._fd is not None:
+                data = os.pread(self._fd, n - got, self._pos + got)
+                if data:
+                    parts.append(data)
+                    got += len(data)
+            if got >= min(n, self.MIN_PIECE):
+                break
+            if self._dl.poll(self._digest, 0.002):
+                # complete: read the rest from the published blob (a restarted download may have
+                # written it to another file than the one followed so far)
+                self._open(True)
+                if self._fd is None:
+                    raise SourceError(f"blob {self._digest} is missing from the store after its download")
+                while got < n:
+                    data = os.pread(self._fd, n - got, self._pos + got)
+                    if not data:
+                        break                    # shorter than declared: the VerifyingReader says so
+                    parts.append(data)
+                    got += len(data)
+                break
+        self._pos += got
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        super().close()
+
+
 # offline -----------------------------------------------------------------------------------------
 def from_store(ref: Reference, store: Store, want: Platform, opts: SourceOptions) -> Image | None:
     """The image for a digest reference if everything it needs is already in the store, else None."""
@@ -347,15 +435,19 @@ def from_store(ref: Reference, store: Store, want: Platform, opts: SourceOptions
 
 def _image(ref: Reference, store: Store, manifest: Manifest, config: ImageConfig, index: Index | None,
            downloads: "Downloads | None" = None) -> Image:
-    def opener(digest: str):
+    follow = os.environ.get("HPCCONV_FOLLOW_DOWNLOADS", "1") != "0"
+
+    def opener(d: Descriptor):
         if downloads is None:
-            return lambda: store.open_blob(digest)
+            return lambda: store.open_blob(d.digest)
 
         def wait_then_open():
-            downloads.wait(digest)
-            return store.open_blob(digest)
+            if follow and d.size > 0:
+                return _Following(downloads, store, d.digest, d.size)   # read as it arrives
+            downloads.wait(d.digest)
+            return store.open_blob(d.digest)
         return wait_then_open
 
-    layers = [Layer(d, opener(d.digest), i) for i, d in enumerate(manifest.layers)]
+    layers = [Layer(d, opener(d), i) for i, d in enumerate(manifest.layers)]
     return Image(str(ref), manifest, config, layers, index=index, source="docker",
                  index_cache=str(store.root / "index-cache"), downloads=downloads)

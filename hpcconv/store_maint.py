@@ -289,28 +289,10 @@ def gc(store: Store, grace: float = DEFAULT_GRACE, partial_grace: float = DEFAUL
 def _prune_index_cache(store: Store, gone: set[str], now: float, grace: float, dry_run: bool) -> int:
     """flatten's per-layer header indexes and diff_id records (index-cache/<algo>/<hex>.vN.json,
     <hex>.diff_id) of blobs no longer in the store, and write temporaries older than grace."""
-    n = 0
-    base = store.root / "index-cache"
-    if not base.is_dir():
-        return 0
-    for algo_dir in base.iterdir():
-        if not algo_dir.is_dir():
-            continue
-        for p in algo_dir.iterdir():
-            hexd = p.name.split(".", 1)[0]
-            try:
-                if p.name.startswith("."):
-                    stale = now - p.lstat().st_mtime >= grace
-                else:
-                    digest = f"{algo_dir.name}:{hexd}"
-                    stale = digest in gone or not (store.root / "blobs" / algo_dir.name / hexd).is_file()
-                if stale:
-                    n += 1
-                    if not dry_run:
-                        p.unlink()
-            except FileNotFoundError:
-                continue
-    return n
+    def stale(algo: str, p: Path) -> bool:
+        hexd = p.name.split(".", 1)[0]
+        return f"{algo}:{hexd}" in gone or not (store.root / "blobs" / algo / hexd).is_file()
+    return _prune_cache_dir(store.root / "index-cache", stale, now, grace, dry_run)
 
 
 def _prune_block_reuse(store: Store, now: float, grace: float, dry_run: bool) -> int:
@@ -318,18 +300,23 @@ def _prune_block_reuse(store: Store, now: float, grace: float, dry_run: bool) ->
     or was changed, and write temporaries older than grace (emit/sqfs.py BlockReuse)."""
     from .emit.sqfs import BlockReuse
 
+    return _prune_cache_dir(store.root / "block-reuse", lambda _, p: not BlockReuse.still_valid(p), now, grace,
+                            dry_run)
+
+
+def _prune_cache_dir(base: Path, stale, now: float, grace: float, dry_run: bool) -> int:
+    """Remove base/<sub>/<file> where stale(sub, path) says so, and the write temporaries (dot
+    files) older than grace. Returns how many."""
     n = 0
-    base = store.root / "block-reuse"
     if not base.is_dir():
         return 0
-    for d in base.iterdir():
-        if not d.is_dir():
+    for sub in base.iterdir():
+        if not sub.is_dir():
             continue
-        for p in d.iterdir():
+        for p in sub.iterdir():
             try:
-                stale = (now - p.lstat().st_mtime >= grace if p.name.startswith(".")
-                         else not BlockReuse.still_valid(p))
-                if stale:
+                temporary = p.name.startswith(".")
+                if (now - p.lstat().st_mtime >= grace) if temporary else stale(sub.name, p):
                     n += 1
                     if not dry_run:
                         p.unlink()

@@ -9,7 +9,6 @@ they are published), then store the manifest (and index) and tag the normalised 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
@@ -331,7 +330,7 @@ class Downloads:
         self._client.close()
 
 
-class _Following(io.RawIOBase):
+class _Following:
     """A layer blob read while it downloads: from the store's partial file as it grows, then from
     the published blob. Nothing read here is trusted yet: the caller's VerifyingReader checks the
     size and digest of all it read when it reaches the end, as for a complete blob, and the
@@ -348,9 +347,6 @@ class _Following(io.RawIOBase):
         self._partial = store.root / "tmp" / f"{algo}-{hexd}.partial"
         self._fd: int | None = None
         self._pos = 0
-
-    def readable(self) -> bool:
-        return True
 
     def _open(self, final: bool) -> None:
         paths = [self._store.blob_path(self._digest)] + ([] if final else [self._partial])
@@ -397,16 +393,10 @@ class _Following(io.RawIOBase):
         self._pos += got
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        super().close()
 
 
 # offline -----------------------------------------------------------------------------------------

@@ -466,3 +466,14 @@ def test_reuse_survives_a_change_among_small_files(tmp_path, alike):
     back = tree_of_tar(sqfs2tar(tmp_path / "2.sqfs"))
     assert back["s/00005"][5] == hashlib.sha256(d + b"new\n").hexdigest()
     assert back["s/00002-added"][5] == hashlib.sha256(added).hexdigest()
+
+
+def test_a_file_thousands_of_directories_deep_first(tmp_path):
+    """The flatten may name a deep file before the parents it implies (they come at the end)."""
+    deep = "/".join(["d"] * 3000)
+    items = [(_f(deep + "/f", b"deep"), b"deep"), (Entry("d", DIR, 0o700), b"")]
+    img = tmp_path / "deep.sqfs"
+    write_native(items, img, compression="zstd", level=3, block_size=BS)
+    back = tree_of_tar(sqfs2tar(img))
+    assert back[deep + "/f"][5] == hashlib.sha256(b"deep").hexdigest()
+    assert back["d"][1] == 0o700 and back["d/d"][1] == 0o755 and len(back) == 3001

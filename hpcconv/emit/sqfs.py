@@ -264,21 +264,35 @@ class SquashWriter:
         head, _, name = path.rpartition("/")
         parent = self.nodes.get(head)
         if parent is None:
-            parent, _ = self._implicit(head)
+            parent = self._implicit(head)
         elif parent.type != T_DIR:
             raise CorruptInput(f"entry {path!r} is below {head!r}, which is not a directory")
+        return parent, self._name(name, path)
+
+    @staticmethod
+    def _name(name: str, path: str) -> bytes:
         bname = os.fsencode(name)
         if len(bname) > 255:
             raise CorruptInput(f"entry {path!r}: a name is longer than 255 bytes")
-        return parent, bname
+        return bname
 
-    def _implicit(self, path: str) -> tuple[_Node, bytes]:
-        parent, name = self._parent(path)
-        node = _Node(T_DIR, None)
-        node.mode, node.mtime = 0o755, 0
-        parent.children[name] = node
-        self.nodes[path] = node
-        return node, name
+    def _implicit(self, path: str) -> _Node:
+        """The directory at `path` and any missing parents of it, made as 0755 root:root, time 0
+        (iteratively: a stream may name a file thousands of directories deep first)."""
+        missing = [path]
+        head = path.rpartition("/")[0]
+        while head and head not in self.nodes:
+            missing.append(head)
+            head = head.rpartition("/")[0]
+        parent = self.nodes[head]
+        for p in reversed(missing):
+            if parent.type != T_DIR:
+                raise CorruptInput(f"entry {path!r} is below {p.rpartition('/')[0]!r}, which is not a directory")
+            node = _Node(T_DIR, None)
+            parent.children[self._name(p.rpartition("/")[2], p)] = node
+            self.nodes[p] = node
+            parent = node
+        return parent
 
     def add(self, e: Entry) -> None:
         path = e.path

@@ -443,8 +443,7 @@ def write_sif(entries: Iterable[Entry], out: Path | str, objects: list[DataObjec
     probe = ArchProbe()
     with sinks._atomic(out, force) as tmp:
         n, writer, reuse = _squashfs_into(probe.transform(entries), tmp, offset, compression, level, block_size,
-                                          reporter,
-                           out.name)
+                                          reporter, out.name)
         size = os.path.getsize(tmp) - offset
         with open(tmp, "rb") as f:
             f.seek(offset)

@@ -106,3 +106,28 @@ def test_arm64_from_manifest_list_runs_under_qemu(plain_registry, plain_images, 
     assert r.returncode == 0, r.stderr
     run = chrun(out, "/bin/uname", "-m", env=aenv)
     assert run.returncode == 0 and run.stdout.strip() == "aarch64", run.stderr
+
+
+@pytest.mark.parametrize("target,suffix", [("charliecloud", "sqfs"), ("singularity", "sif")])
+def test_second_profile_reuses_the_first_images_blocks(plain_registry, plain_images, aenv, tmp_path, target, suffix):
+    """Through the CLI and the store: the conversion for a second profile takes compressed blocks
+    from the first profile's image (the report says how many) and is byte for byte the conversion
+    made without reuse; ch-run runs the Charliecloud one."""
+    env = {**aenv, "SOURCE_DATE_EPOCH": "1700000000"}
+    src = f"docker://{plain_registry.host}/test/busybox:amd64"
+    fmt = ["--format", "squashfs"] if target == "charliecloud" else []
+    first, second, fresh = (tmp_path / f"{n}.{suffix}" for n in ("first", "second", "fresh"))
+    assert hpc("-q", "convert", src, "--insecure", "-t", target, *fmt, "-o", str(first), env=env).returncode == 0
+    r = hpc("--json", "convert", src, "--insecure", "-t", target, *fmt, "--profile", "perlmutter-cpu",
+            "-o", str(second), env=env)
+    assert r.returncode in (0, 1), r.stderr                   # 1: a site check of that profile may fail
+    detail = [c["detail"] for c in json.loads(r.stdout)["checks"] if c["name"].startswith("write")][0]
+    assert "compressed blocks reused from 1 earlier image" in detail, detail
+    r = hpc("-q", "convert", src, "--insecure", "-t", target, *fmt, "--profile", "perlmutter-cpu", "-o", str(fresh),
+            env={**env, "HPCCONV_BLOCK_REUSE": "0"})
+    assert r.returncode in (0, 1), r.stderr
+    assert second.read_bytes() == fresh.read_bytes()
+    assert first.read_bytes() != second.read_bytes()          # the profile did change the image
+    if target == "charliecloud":        # (the SIF is checked by siftool and run in test_sif/test_singularity)
+        run = chrun(second, "/bin/echo", "reused-ok", env=aenv)
+        assert run.returncode == 0 and run.stdout == "reused-ok\n", run.stderr

@@ -353,12 +353,13 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str = "sq
     fix = ChFixups(image, checks)
     stream = fix.transform(entries)
     with checks.timed(STAGE, f"write {fmt}") as c:
+        stats: dict = {}
         if fmt == "dir":
             n = sinks.write_dir(stream, out, reporter=reporter, force=force)
         elif fmt == "tar":
             n = sinks.write_tar(stream, out, compression=compression, reporter=reporter, level=level, force=force)
         else:
             n = sinks.write_squashfs(stream, out, compression=compression, reporter=reporter, level=level,
-                                     block_size=block_size, force=force)
-        c.detail = f"{out} ({n} entries)"
+                                     block_size=block_size, force=force, stats=stats)
+        c.detail = f"{out} ({n} entries{stats.get('reuse', '')})"
     return EmitResult(checks, fix.changes, run_hint(image.config, out, fmt), out, n)

@@ -215,8 +215,9 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str | Non
     try:
         with checks.timed(STAGE, "write squashfs") as c:
             record: list = []
+            stats: dict = {}
             n = sinks.write_squashfs(fix.transform(entries), tmp, compression=compression, reporter=reporter,
-                                     level=level, block_size=block_size, record_later=record)
+                                     level=level, block_size=block_size, record_later=record, stats=stats)
             h = hashlib.sha256()
             with open(tmp, "rb") as f:
                 while chunk := f.read(1 << 20):
@@ -236,7 +237,7 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str | Non
             os.umask(umask)
             os.chmod(mtmp, 0o666 & ~umask)
             os.replace(mtmp, mt)
-            c.detail = f"{sq} ({n} entries, {compression}) and {mt.name}"
+            c.detail = f"{sq} ({n} entries, {compression}{stats.get('reuse', '')}) and {mt.name}"
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -425,6 +425,7 @@ class SifResult:
     partition_offset: int
     partition_size: int
     objects: list[tuple[int, str, int, int]]   # (id, type name, offset, size)
+    reuse_note: str = ""                       # what block reuse saved (emit/sinks.write_squashfs_native)
 
 
 def write_sif(entries: Iterable[Entry], out: Path | str, objects: list[DataObject], *, fallback_arch: str,
@@ -471,4 +472,4 @@ def write_sif(entries: Iterable[Entry], out: Path | str, objects: list[DataObjec
              DT_PARTITION: "FS", DT_ENVVAR: "Env.Vars", DT_GENERIC: "Generic/Raw"}
     return SifResult(out, n, arch, where, offset, size,
                      [(p.id, names.get(p.obj.datatype, hex(p.obj.datatype)), p.offset, p.obj.length)
-                      for p in placed])
+                      for p in placed], writer.reuse_note if writer is not None else "")

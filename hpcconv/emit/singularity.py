@@ -480,7 +480,7 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str = "si
                                 reporter=reporter)
             n = res.entries
             c.detail = (f"{out} ({n} entries, squashfs {compression} partition {res.partition_size} B at "
-                        f"{res.partition_offset})")
+                        f"{res.partition_offset}{res.reuse_note})")
             st = PASS if res.arch == image.platform.architecture else WARN
             checks.add(STAGE, "sif architecture", st, f"{res.arch} from the {res.arch_source}"
                        + ("" if st == PASS else f"; the image config says {image.platform.architecture}"))

@@ -256,6 +256,7 @@ class SquashWriter:
         self.reuse = reuse
         self.records: list[bytes] = []                             # what a later run may reuse
         self.blocks_written = self.blocks_reused = 0
+        self.reuse_note = ""
         self.frag_keys: list[bytes] = []
         os.ftruncate(fd, base + self.pos)
 

@@ -73,6 +73,24 @@ class Entry:
 _FIELDS = frozenset(f.name for f in fields(Entry))
 
 
+def read_full(read, n: int) -> bytes:
+    """n bytes from `read` (a reader's read method), in as many calls as it takes: readers may
+    return less than asked. Fewer only where the content ends."""
+    if n <= 0:
+        return b""
+    data = read(n)
+    if len(data) >= n or not data:
+        return data
+    parts, got = [data], len(data)
+    while got < n:
+        more = read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
 def entry_type_of(ti: tarfile.TarInfo) -> str | None:
     return _FROM_TAR.get(ti.type)
 

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..cachefiles import read_trusted, write_atomic
-from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
+from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, read_full
 from ..errors import CorruptInput, UsageError
 
 SUPERBLOCK = struct.Struct("<IIIIIHHHHHHQQQQQQQQ")
@@ -197,18 +197,10 @@ def _hashes(batch: list[tuple[_Node, bytes]]) -> tuple[int, list[bytes], None, N
 
 
 def _read_exact(read, n: int, path: str) -> bytes:
-    data = read(n)
-    if len(data) == n:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < n:
-        more = read(n - got)
-        if not more:
-            raise CorruptInput(f"content of {path} ended {n - got} bytes early")
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+    data = read_full(read, n)
+    if len(data) < n:
+        raise CorruptInput(f"content of {path} ended {n - len(data)} bytes early")
+    return data
 
 
 class SquashWriter:

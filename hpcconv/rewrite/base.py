@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 from typing import BinaryIO, Iterable, Iterator
 
-from ..entries import DIR, FILE, HARDLINK, Entry
+from ..entries import DIR, FILE, HARDLINK, Entry, read_full
 from ..harness.checks import Checks
 
 HEAD_SIZE = 64 * 1024
@@ -145,17 +145,6 @@ class _TeeReader(io.RawIOBase):
             s.close(complete and self._fed >= self._size)
 
 
-def _read_head(reader: BinaryIO, n: int) -> bytes:
-    parts, got = [], 0
-    while got < n:
-        data = reader.read(n - got)
-        if not data:
-            break
-        parts.append(data)
-        got += len(data)
-    return b"".join(parts)
-
-
 class PassRunner:
     """Runs passes over an entry stream as one transform (``transform``) or to the end (``run``)."""
 
@@ -227,7 +216,7 @@ class PassRunner:
             self.entries_seen += 1
             if e.type == FILE and e.size and e.reader is not None:
                 self.files_seen += 1
-                head = _read_head(e.reader, min(self.head_size, e.size))
+                head = read_full(e.reader.read, min(self.head_size, e.size))
                 tee = _TeeReader(head, e.reader, e.size, self._scanners_for(e, head))
                 out = e.with_(reader=tee)
                 if editing:

@@ -243,7 +243,6 @@ class SquashWriter:
         self.frags: list[tuple[int, int] | None] = []             # fragment index -> (start, size field)
         self.frag_new: list = []                                   # fragment jobs to queue next
         self.count = 0
-        self.duplicates = 0
         self.progress = progress or (lambda n: None)
         self.reuse = reuse
         self.records: list[bytes] = []                             # what a later run may reuse
@@ -393,7 +392,6 @@ class SquashWriter:
             known = self.tails.get(key)
             if known is not None:
                 node.frag = known
-                self.duplicates += 1
                 continue
             if self.frag_len + len(data) > self.block_size:
                 self._flush_fragment()
@@ -493,7 +491,6 @@ class SquashWriter:
         self.pos = node.start                     # the copy just written is cut off again
         os.ftruncate(self.fd, self.base + self.pos)
         node.start, node.blocks, node.sparse = known
-        self.duplicates += 1
 
     def _record(self, key: bytes, pos: int, size: int, pdigest: bytes | None) -> None:
         self.blocks_written += 1

@@ -232,7 +232,7 @@ class DeferredScanner:
     def _hand_over(self, last: bool) -> None:
         pieces, n = self._pieces, self._bytes
         self._pieces, self._bytes = [], 0
-        self.scan.pending = _submit(_run_scan, self._real, pieces, last, n)
+        self.scan.pending = _submit(n, _run_scan, self._real, pieces, last)
 
 
 def _run_scan(real: X86Scanner, pieces: list[tuple[int, bytes]], last: bool) -> None:
@@ -249,9 +249,9 @@ _queued: deque = deque()            # (future, bytes) not known to be done
 _lock = threading.Lock()
 
 
-def _submit(fn, *args):
+def _submit(nbytes: int, fn, *args):
+    """fn(*args) on the worker thread, `nbytes` of pieces held until it ran."""
     global _worker
-    nbytes = args[-1]
     with _lock:
         if _worker is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -259,7 +259,7 @@ def _submit(fn, *args):
             _worker = ThreadPoolExecutor(1, thread_name_prefix="x86scan")
         while _queued and (_queued[0][0].done() or sum(n for _, n in _queued) > PENDING_CAP):
             _queued.popleft()[0].result()
-        fut = _worker.submit(fn, *args[:-1])
+        fut = _worker.submit(fn, *args)
         _queued.append((fut, nbytes))
     return fut
 

@@ -391,9 +391,9 @@ def test_reuse_gives_the_same_image_with_fewer_compressions(tmp_path, monkeypatc
     calls.clear()
     w = _write_reusing(_changed(items), second, where)
     assert second.read_bytes() == fresh.read_bytes()
-    assert w.blocks_reused > 0.8 * w.blocks_written
+    assert 0.8 * w.blocks_written < w.blocks_reused <= w.blocks_written
     # the metadata is compressed the same in both; of the data, only what was not reused
-    assert from_scratch - len(calls) == w.blocks_reused
+    assert from_scratch - len(calls) == w.compressions_saved >= w.blocks_reused
 
 
 def test_reuse_never_takes_damaged_or_foreign_blocks(tmp_path):

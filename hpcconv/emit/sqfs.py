@@ -246,7 +246,9 @@ class SquashWriter:
         self.progress = progress or (lambda n: None)
         self.reuse = reuse
         self.records: list[bytes] = []                             # what a later run may reuse
-        self.blocks_written = self.blocks_reused = 0
+        self.blocks_written = self.blocks_reused = 0      # blocks in the image; of them, taken from an earlier one
+        self.run_reused = 0                                  # reused blocks of the file being written
+        self.compressions_saved = 0                          # blocks not compressed thanks to reuse
         self.reuse_note = ""
         self.frag_keys: list[bytes] = []
         os.ftruncate(fd, base + self.pos)
@@ -440,7 +442,7 @@ class SquashWriter:
                     node.blocks.append(size)
                     node.digests.append(digest)
                     node.pdigests.append(pdigest)
-                    self.blocks_reused += reused
+                    self.run_reused += reused
                     if size == 0:
                         node.sparse += self.block_size
                     else:
@@ -451,6 +453,7 @@ class SquashWriter:
             if kind == "f":
                 self.frags[node] = (self.pos, size)
                 self.blocks_reused += reused
+                self.compressions_saved += reused
                 self._record(digest, self.pos, size, pdigest)
                 self._write(payload)
             elif kind == "s":
@@ -479,8 +482,11 @@ class SquashWriter:
         key = hashlib.sha256(b"".join(node.digests) + struct.pack("<Q", node.size)).digest()
         digests, pdigests = node.digests, node.pdigests
         node.digests = node.pdigests = None
+        reused, self.run_reused = self.run_reused, 0
+        self.compressions_saved += reused
         known = self.runs.get(key)
         if known is None:
+            self.blocks_reused += reused          # (a duplicate's blocks are cut off again: not counted)
             self.runs[key] = (node.start, node.blocks, node.sparse)
             pos = node.start
             for size, k, pd in zip(node.blocks, digests, pdigests):

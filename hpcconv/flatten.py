@@ -78,6 +78,7 @@ from typing import Iterator
 
 from .cachefiles import read_trusted, write_atomic
 from .compression import CHUNK, ChunkReader, decoded_chunks
+from .entries import _FROM_TAR  # entry_type_of's table, looked up inline for every member
 from .entries import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, XATTR_PREFIX, Entry,
                       entry_type_of)
 from .errors import CorruptInput, HpcconvError, UnsafeInput
@@ -168,9 +169,12 @@ def _in_entry(what: str, ti: Member, e: HpcconvError) -> HpcconvError:
 def clean_name(name: str) -> list[str]:
     """Components of a member name: `/`, `.` and empty parts dropped, `..` applied lexically.
     Raises UnsafeInput when `..` climbs above the root and CorruptInput for a NUL byte."""
+    parts = name.split("/")
+    if "" not in parts and "." not in parts and ".." not in parts and "\0" not in name:
+        return parts                             # the common case: already clean (every member)
     if "\0" in name:
         raise CorruptInput("name contains a NUL byte")
-    parts: list[str] = []
+    parts = []
     for p in name.split("/"):
         if p in ("", "."):
             continue
@@ -347,12 +351,15 @@ class _Prefetch(ChunkReader):
             super().close()
 
 
-class _Named(io.RawIOBase):
+class _Named:
     """A member's content read by the consumer (the single pass): a truncated or corrupt layer
-    found there says which layer and entry."""
+    found there says which layer and entry. (A plain object, not an io.RawIOBase: one is made for
+    every file of every layer, and the message only when an error needs it.)"""
 
-    def __init__(self, inner, what: str):
-        self._inner, self._what = inner, what
+    __slots__ = ("_inner", "_layer", "_name")
+
+    def __init__(self, inner, layer: str, name: str):
+        self._inner, self._layer, self._name = inner, layer, name
 
     def readable(self) -> bool:
         return True
@@ -363,12 +370,15 @@ class _Named(io.RawIOBase):
         except CorruptInput as e:
             if e.message.startswith("layer "):
                 raise
-            raise CorruptInput(f"{self._what}: {e.message}", hint=e.hint) from None
+            raise CorruptInput(f"{self._layer} entry {self._name!r}: {e.message}", hint=e.hint) from None
 
     def readinto(self, b) -> int:
         data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
+
+    def close(self) -> None:
+        pass
 
 
 class Flattener:
@@ -980,7 +990,7 @@ class Flattener:
 
     def _td_member(self, td: _TopDown, st: "_LayerState", tr: TarReader, ti: Member,
                    ordinal: int) -> Entry | None:
-        kind = entry_type_of(ti)
+        kind = _FROM_TAR.get(ti.type)
         parts = clean_name(ti.name)
         if not parts:
             return None                              # the root itself: Docker ignores its attributes
@@ -1035,7 +1045,7 @@ class Flattener:
             if kind != DIR:
                 raise TwoPassNeeded(f"{st.what}: {key!r} is a {kind}, and a higher layer writes into it")
             del td.pending[key]
-        st.mark(key, dparts)
+        st.mark(key, dparts, dkey)
         xattrs = _xattrs_of(ti) if ti.pax_headers else {}
         if kind == DIR:
             st.dirs.add(key)
@@ -1095,7 +1105,7 @@ class Flattener:
         if kind == FILE:
             size = ti.size
             self.stats["content_bytes"] += size
-            reader = _Named(tr.content(ti), f"{st.what} entry {ti.name!r}") if size else io.BytesIO(b"")
+            reader = _Named(tr.content(ti), st.what, ti.name) if size else io.BytesIO(b"")
             return Entry(key, FILE, mode, ti.uid, ti.gid, ti.mtime, size, "", ti.devmajor, ti.devminor,
                          dict(xattrs), reader=reader)
         return Entry(key, kind, mode, ti.uid, ti.gid, ti.mtime, 0, ti.linkname if kind == SYMLINK else "",
@@ -1190,8 +1200,11 @@ class _LayerState:
         self.new_gone: set[str] = set()          # what this layer deletes for the layers below
         self.new_opq: set[str] = set()
 
-    def mark(self, key: str, names: list[str]) -> None:
+    def mark(self, key: str, names: list[str], parent: str | None = None) -> None:
+        """`key` given by this layer, its parent directories (`names`, joined: `parent`) below it."""
         self.unpacked.add(key)
+        if not names or parent in self.ancestors:
+            return                               # (the common case: a sibling came first)
         for j in range(len(names), 0, -1):
             a = "/".join(names[:j])
             if a in self.ancestors:

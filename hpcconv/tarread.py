@@ -79,6 +79,9 @@ class Member:
         return f"Member({self.name!r}, {self.type!r}, size={self.size})"
 
 
+_new_member = object.__new__
+
+
 class _Content:
     """Reads one member's content; sparse holes read as zeros. Valid until the reader moves on."""
 
@@ -197,8 +200,10 @@ class TarReader:
     def __iter__(self) -> Iterator[Member]:
         while True:
             self._gen += 1
-            self._skip(self._data_left + self._pad)
-            self._data_left = self._pad = 0
+            left = self._data_left + self._pad
+            if left:
+                self._skip(left)
+                self._data_left = self._pad = 0
             m = self._next()
             if m is None:
                 return
@@ -210,7 +215,8 @@ class TarReader:
     def _header(self) -> tuple[bytes, tuple | None] | tuple[None, None]:
         """The next header block and, where the C module parsed it, its fields (see _native.c);
         (None, None) at the end."""
-        block = self._read(BLOCK)
+        block = self._s.read(BLOCK)
+        self.offset += len(block)
         if not block or block == ZERO_BLOCK:
             return None, None                            # end of archive (or an empty stream)
         if len(block) != BLOCK:
@@ -259,7 +265,8 @@ class TarReader:
                     pax.update(_parse_pax(data, sparse00))
                 continue
             break
-        m = Member()
+        m = _new_member(Member)                  # every slot is set below (no __init__ dict to discard)
+        m.sparse = None
         if self._global:
             pax = {**self._global, **pax}
         if f and not pax:                      # the common case, parsed in C (the same values)

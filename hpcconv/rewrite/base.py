@@ -25,7 +25,6 @@ whose target was dropped is dropped too (its target must be an earlier entry).
 
 from __future__ import annotations
 
-import io
 from typing import BinaryIO, Iterable, Iterator
 
 from ..entries import DIR, FILE, HARDLINK, Entry, read_full
@@ -79,8 +78,11 @@ class Pass:
         return ()
 
 
-class _TeeReader(io.RawIOBase):
-    """Replays ``head`` then continues from ``reader``; everything read past the head is fed to scanners."""
+class _TeeReader:
+    """Replays ``head`` then continues from ``reader``; everything read past the head is fed to scanners.
+    (A plain object with the reader methods, not an io.RawIOBase: one is made for every file.)"""
+
+    __slots__ = ("_head", "_r", "_size", "_scanners", "_pos", "_fed", "_closed_scanners")
 
     def __init__(self, head: bytes, reader: BinaryIO, size: int, scanners: list[Scanner]):
         self._head, self._r, self._size, self._scanners = head, reader, size, scanners
@@ -89,6 +91,9 @@ class _TeeReader(io.RawIOBase):
         self._closed_scanners = False
         for s in scanners:
             s.feed(0, head)
+
+    def close(self) -> None:
+        pass
 
     def readable(self) -> bool:
         return True

@@ -58,11 +58,12 @@ class Entry:
     def with_(self, **kw) -> "Entry":
         """A copy with some fields changed (dataclasses.replace, without its per-call cost: this
         runs for every file of every image)."""
-        if not kw.keys() <= _FIELDS:
+        d = self.__dict__.copy()
+        d.update(kw)
+        if len(d) != _NFIELDS:                   # a keyword that is no field added a key
             raise TypeError(f"Entry has no field(s) {sorted(kw.keys() - _FIELDS)}")
         new = object.__new__(Entry)
-        new.__dict__.update(self.__dict__)
-        new.__dict__.update(kw)
+        new.__dict__ = d
         return new
 
     @property
@@ -71,6 +72,7 @@ class Entry:
 
 
 _FIELDS = frozenset(f.name for f in fields(Entry))
+_NFIELDS = len(_FIELDS)
 
 
 def read_full(read, n: int) -> bytes:

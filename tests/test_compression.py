@@ -48,11 +48,11 @@ def _bomb_chunks(compressobj, size: int):
     return b"".join(parts) + compressobj.flush()
 
 
-@pytest.mark.parametrize("how,bound", [("gzip", 8 << 20), ("zstd", 64 << 20)])
+@pytest.mark.parametrize("how,bound", [("gzip", 8 << 20), ("zstd", (8 << 20) + (128 << 10))])
 def test_output_per_chunk_is_bounded(how, bound):
     """A decompression bomb comes out in bounded chunks (the expansion cap and the memory bound of
     the flatten rely on it): gzip at most 8 MiB (CHUNK) per chunk; zstd, whose RLE blocks expand 32768:1,
-    at most 64 MiB (2 KiB pieces of input per call)."""
+    at most a block more (its block headers are walked to feed the decoder about 8 MiB of output at a time)."""
     import zlib
 
     from hpcconv.compression import decoded_chunks
@@ -67,3 +67,78 @@ def test_output_per_chunk_is_bounded(how, bound):
         biggest = max(biggest, len(chunk))
     assert total == (size if how == "zstd" else size >> 2)
     assert biggest <= bound, biggest
+
+
+def _zstd_stream():
+    """Frames of every shape the header walk meets: with and without a content checksum, single
+    segment (size known) and streamed (size unknown, window descriptor), raw blocks (random data),
+    RLE blocks (zeros), an empty frame, skippable frames between and at the end."""
+    rnd = os.urandom(300_000)
+    mixed = rnd + bytes(400_000) + DATA[:200_000]
+    skip = (0x184D2A5F).to_bytes(4, "little") + (70_000).to_bytes(4, "little") + os.urandom(70_000)
+    parts = [
+        zstandard.ZstdCompressor(level=3, write_checksum=True).compress(mixed),
+        skip,
+        zstandard.ZstdCompressor(level=1, write_content_size=False).compress(bytes(3 << 20)),
+        zstandard.ZstdCompressor(level=3).compress(b""),
+    ]
+    co = zstandard.ZstdCompressor(level=3, write_checksum=True).compressobj()   # streamed: no content size
+    parts.append(co.compress(rnd) + co.compress(DATA[:500_000]) + co.flush())
+    parts.append(skip)
+    out = mixed + bytes(3 << 20) + rnd + DATA[:500_000]
+    return parts, out
+
+
+class _Trickle(io.RawIOBase):
+    """Returns at most `n` bytes per read: every header and block straddles reads somewhere."""
+
+    def __init__(self, data: bytes, n: int):
+        self._b, self._n = io.BytesIO(data), n
+
+    def read(self, size=-1):
+        return self._b.read(min(self._n, size if size is not None and size >= 0 else self._n))
+
+
+@pytest.mark.parametrize("piece", [1 << 30, 65536, 4099, 7])
+def test_zstd_frames_of_every_shape_whatever_the_reads(piece):
+    """The walk of frame and block headers gives the reference decoder's bytes, however the
+    compressed stream is split into reads (down to a few bytes at a time)."""
+    from hpcconv.compression import decoded_chunks
+
+    parts, want = _zstd_stream()
+    blob = b"".join(parts)
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(parts[0]) == want[:900_000]
+    src = _Trickle(blob, piece) if piece < len(blob) else io.BytesIO(blob)
+    got = b"".join(decoded_chunks(src.read))
+    assert got == want
+
+
+def test_zstd_cut_anywhere_inside_a_frame_is_an_error():
+    """A stream cut inside a frame header, a block header, a block, a content checksum or a
+    skippable frame is corrupt; cut between frames it is the frames before the cut (as gzip members)."""
+    parts, _ = _zstd_stream()
+    blob = b"".join(parts)
+    bounds = set()
+    off = 0
+    for p in parts:
+        off += len(p)
+        bounds.add(off)
+    ref = zstandard.ZstdDecompressor()
+    # (from 4 bytes on: fewer cannot be told from an uncompressed layer)
+    cuts = sorted(set(range(4, 40)) | set(range(4, len(blob), 997)) | {b - d for b in bounds for d in (1, 2, 3, 4, 5)})
+    for cut in cuts:
+        if cut in bounds or cut >= len(blob):
+            continue
+        with pytest.raises(CorruptInput, match="cannot decompress"):
+            open_decompressed(io.BytesIO(blob[:cut]), "layer 1").read()
+    for b in sorted(bounds):
+        got = open_decompressed(io.BytesIO(blob[:b])).read()
+        want = b"".join(ref.decompressobj().decompress(p) if p[:4] != parts[1][:4] else b""
+                        for p in parts[:sum(1 for x in sorted(bounds) if x <= b)])
+        assert got == want, b
+
+
+def test_zstd_garbage_after_a_frame_is_an_error():
+    blob = zstandard.ZstdCompressor().compress(DATA) + b"not zstd at all"
+    with pytest.raises(CorruptInput, match="cannot decompress"):
+        open_decompressed(io.BytesIO(blob), "layer 1").read()

@@ -617,7 +617,7 @@ class SquashWriter:
             else:
                 body = _DIR_BASIC.pack(block, nlink, listing_len + 3, off, parent)
         elif t == T_FILE:
-            sizes = struct.pack(f"<{len(node.blocks)}I", *node.blocks)
+            sizes = struct.pack(f"<{len(node.blocks)}I", *node.blocks) if node.blocks else b""   # (most: a fragment)
             fidx, foff = node.frag
             ext = (xattr != NO_INDEX or node.nlink > 1 or node.sparse or node.size > 0xFFFFFFFF
                    or node.start > 0xFFFFFFFF)

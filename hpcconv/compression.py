@@ -60,7 +60,7 @@ def _gzip_chunks(data: bytes, read: Read) -> Iterator[bytes]:
     while True:
         if d is None:
             if not data:
-                data = _more(read, False, "")
+                data = read(CHUNK)
                 if not data:
                     return
             data = data.lstrip(b"\0")

@@ -215,8 +215,7 @@ class TarReader:
     def _header(self) -> tuple[bytes, tuple | None] | tuple[None, None]:
         """The next header block and, where the C module parsed it, its fields (see _native.c);
         (None, None) at the end."""
-        block = self._s.read(BLOCK)
-        self.offset += len(block)
+        block = self._read(BLOCK)
         if not block or block == ZERO_BLOCK:
             return None, None                            # end of archive (or an empty stream)
         if len(block) != BLOCK:

@@ -21,6 +21,13 @@
  *       256 * length bytes, nonzero where byte value v may stand at position i (i * 256 + v).
  *       One pass over buf for all kinds (the x86 scan's VEX and EVEX patterns, rewrite/x86scan.py),
  *       without the GIL, 8 bytes at a time where none of them can start a match.
+ *
+ *   Chunks(iterator) -> a reader over an iterator of bytes chunks (the flatten's decoded layer)
+ *       read(n): up to n bytes, short only at the end (b"" there); a chunk handed on whole is not
+ *       copied, any other read copies once (io.BufferedReader over a Python readinto copies twice
+ *       and runs Python per refill). skip(n): drops up to n bytes without copying, returns how many.
+ *       An exception from the iterator propagates from read/skip, and so does a chunk that is not
+ *       bytes (TypeError).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -358,6 +365,181 @@ done:
     return result;
 }
 
+/* -- Chunks: a reader over an iterator of bytes chunks ------------------------------------------- */
+typedef struct {
+    PyObject_HEAD
+    PyObject *it;        /* the iterator; NULL once it is exhausted */
+    PyObject *chunk;     /* the current chunk (bytes) or NULL */
+    Py_ssize_t pos;      /* bytes of it already handed on */
+} ChunksObject;
+
+static int
+chunks_init(ChunksObject *self, PyObject *args, PyObject *kw)
+{
+    PyObject *src;
+    if (!PyArg_ParseTuple(args, "O:Chunks", &src))
+        return -1;
+    PyObject *it = PyObject_GetIter(src);
+    if (it == NULL)
+        return -1;
+    Py_XSETREF(self->it, it);
+    Py_CLEAR(self->chunk);
+    self->pos = 0;
+    return 0;
+}
+
+static int
+chunks_traverse(ChunksObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->it);
+    Py_VISIT(self->chunk);
+    return 0;
+}
+
+static int
+chunks_clear(ChunksObject *self)
+{
+    Py_CLEAR(self->it);
+    Py_CLEAR(self->chunk);
+    return 0;
+}
+
+static void
+chunks_dealloc(ChunksObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    chunks_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Make the current chunk one with bytes left: 1, or 0 at the end, or -1 with an exception. */
+static int
+chunks_fill(ChunksObject *self)
+{
+    while (self->chunk == NULL || self->pos >= PyBytes_GET_SIZE(self->chunk)) {
+        Py_CLEAR(self->chunk);
+        self->pos = 0;
+        if (self->it == NULL)
+            return 0;
+        /* the iterator may run Python (and wait for the decoder thread): keep self alive and
+           consistent across it */
+        PyObject *it = self->it;
+        Py_INCREF(it);
+        PyObject *item = PyIter_Next(it);
+        Py_DECREF(it);
+        if (item == NULL) {
+            if (PyErr_Occurred())
+                return -1;
+            Py_CLEAR(self->it);
+            return 0;
+        }
+        if (!PyBytes_CheckExact(item)) {
+            PyErr_Format(PyExc_TypeError, "Chunks: the iterator gave %.100s, not bytes", Py_TYPE(item)->tp_name);
+            Py_DECREF(item);
+            return -1;
+        }
+        Py_XSETREF(self->chunk, item);
+        self->pos = 0;
+    }
+    return 1;
+}
+
+static PyObject *
+chunks_read(ChunksObject *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "Chunks.read needs a size of 0 or more");
+        return NULL;
+    }
+    int r = chunks_fill(self);
+    if (r < 0)
+        return NULL;
+    if (r == 0 || n == 0)
+        return PyBytes_FromStringAndSize(NULL, 0);
+    Py_ssize_t avail = PyBytes_GET_SIZE(self->chunk) - self->pos;
+    if (n <= avail) {
+        PyObject *out;
+        if (self->pos == 0 && n == avail) {
+            out = self->chunk;                  /* the whole chunk: no copy */
+            self->chunk = NULL;
+        }
+        else {
+            out = PyBytes_FromStringAndSize(PyBytes_AS_STRING(self->chunk) + self->pos, n);
+            if (out == NULL)
+                return NULL;
+        }
+        self->pos += n;
+        return out;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t got = 0;
+    while (got < n) {
+        r = chunks_fill(self);
+        if (r < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        if (r == 0)
+            break;
+        Py_ssize_t k = PyBytes_GET_SIZE(self->chunk) - self->pos;
+        if (k > n - got)
+            k = n - got;
+        memcpy(PyBytes_AS_STRING(out) + got, PyBytes_AS_STRING(self->chunk) + self->pos, (size_t)k);
+        self->pos += k;
+        got += k;
+    }
+    if (got < n && _PyBytes_Resize(&out, got) < 0)
+        return NULL;
+    return out;
+}
+
+static PyObject *
+chunks_skip(ChunksObject *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t done = 0;
+    while (done < n) {
+        int r = chunks_fill(self);
+        if (r < 0)
+            return NULL;
+        if (r == 0)
+            break;
+        Py_ssize_t k = PyBytes_GET_SIZE(self->chunk) - self->pos;
+        if (k > n - done)
+            k = n - done;
+        self->pos += k;
+        done += k;
+    }
+    return PyLong_FromSsize_t(done);
+}
+
+static PyMethodDef chunks_methods[] = {
+    {"read", (PyCFunction)chunks_read, METH_O, "Up to n bytes (short only at the end)."},
+    {"skip", (PyCFunction)chunks_skip, METH_O, "Drop up to n bytes; returns how many were dropped."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ChunksType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "hpcconv._native.Chunks",
+    .tp_basicsize = sizeof(ChunksObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A reader over an iterator of bytes chunks (see the module source).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)chunks_init,
+    .tp_dealloc = (destructor)chunks_dealloc,
+    .tp_traverse = (traverseproc)chunks_traverse,
+    .tp_clear = (inquiry)chunks_clear,
+    .tp_methods = chunks_methods,
+};
+
 static PyMethodDef methods[] = {
     {"fields", native_fields, METH_O, "Parse a plain tar header block (see the module source), or None."},
     {"ustar", native_ustar, METH_VARARGS, "Format a ustar header block like entries._header."},
@@ -370,5 +552,16 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, 0, m
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&ChunksType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ChunksType);
+    if (PyModule_AddObject(m, "Chunks", (PyObject *)&ChunksType) < 0) {
+        Py_DECREF(&ChunksType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -85,6 +85,7 @@ from .errors import CorruptInput, HpcconvError, UnsafeInput
 from .harness.checks import FAIL, PASS, WARN, Checks
 from .image import Image, Layer, VerifyingReader, hasher_for
 from .progress import NULL
+from .speedups import native
 from .tarread import Member, TarReader
 
 STAGE = "flatten"
@@ -277,10 +278,11 @@ def _members(stream, what: str) -> Iterator[tuple[TarReader, Member]]:
         raise CorruptInput(f"{what}: bad tar data{after}: {e.message}") from None
 
 
-# the buffer over the prefetch thread's chunks serves the tar headers' small reads; content reads
-# larger than it go straight to the prefetch buffer, so a small one costs nothing and holds no
-# third copy of a 1 MiB chunk
+# without the C module: the buffer over the prefetch thread's chunks serves the tar headers' small
+# reads; content reads larger than it go straight to the prefetch buffer, so a small one costs
+# nothing and holds no third copy of a 1 MiB chunk
 _HEADER_BUF = 64 << 10
+_Chunks = native.Chunks if native is not None else None
 
 
 class _Prefetch(ChunkReader):
@@ -339,6 +341,11 @@ class _Prefetch(ChunkReader):
                     raise CorruptInput(f"{self._what}: cannot read layer: {item}") from None
                 raise item
             yield item
+
+    def reader(self):
+        """The file object the tar reader reads: the C module's reader straight over the chunks
+        (one copy per read, none for a chunk handed on whole), else a BufferedReader over this."""
+        return _Chunks(self._chunks) if _Chunks is not None else io.BufferedReader(self, _HEADER_BUF)
 
     def close(self) -> None:
         if not self.closed:
@@ -553,7 +560,7 @@ class Flattener:
             # The thread decodes to the very end (compressed remainder included), so the blob digest
             # and the diff_id cover every byte even though the tar ends earlier.
             pf = _Prefetch(cnt.through(decoded_chunks(_progress_read(raw, task), what)), what=what)
-            stream = io.BufferedReader(pf, _HEADER_BUF)
+            stream = pf.reader()
             ordinal = -1
             for tr, ti in _members(stream, what):
                 ordinal += 1
@@ -870,7 +877,7 @@ class Flattener:
             left = len(want)
             # decoded_chunks reads `raw` to its end, where a VerifyingReader checks the digest
             pf = _Prefetch(decoded_chunks(raw.read, what), what=what)
-            buffered = io.BufferedReader(pf, _HEADER_BUF)
+            buffered = pf.reader()
             members = _members(buffered, what)
             while left:
                 tf, ti = next(members, (None, None))

@@ -153,6 +153,7 @@ class TarReader:
 
     def __init__(self, stream: BinaryIO):
         self._s = stream
+        self._drop = getattr(stream, "skip", None)   # skip without copying (the C module's reader)
         self._data_left = 0          # stored data bytes of the current member not yet read
         self._pad = 0                # padding after them
         self._gen = 0
@@ -182,6 +183,12 @@ class TarReader:
         return data
 
     def _skip(self, n: int) -> None:
+        if self._drop is not None and n > 0:
+            done = self._drop(n)
+            self.offset += done
+            if done != n:
+                raise CorruptInput("tar stream ends inside a member's content")
+            return
         while n > 0:
             data = self._read(min(n, 1 << 20))
             if not data:

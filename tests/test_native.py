@@ -256,3 +256,86 @@ def test_c_match_starts_with_many_first_bytes_misses_none():
         assert native.match_starts(bytes(buf), 32, ((0, tables),)) == ([at],)
     few = (x86scan._table({0x11, 0x66}.__contains__),)
     assert native.match_starts(bytes(16) + b"\x66" + bytes(15), 32, ((0, few),)) == ([16],)
+
+
+# -- Chunks: the flatten's reader over the decoded chunks ---------------------------------------------
+@FUZZ
+@given(st.lists(st.binary(max_size=40), max_size=8),
+       st.lists(st.tuples(st.booleans(), st.integers(0, 70)), max_size=12))
+def test_c_chunks_reads_what_a_buffered_reader_reads(chunks, ops):
+    """Any chunking (empty chunks too), any mix of read(n)/skip(n): the same bytes, in the same
+    pieces, as io.BufferedReader over compression.ChunkReader (the reader it replaces); skip(n)
+    drops what read(n) would have returned."""
+    from hpcconv.compression import ChunkReader
+
+    ours = native.Chunks(iter(chunks))
+    ref = io.BufferedReader(ChunkReader(iter(chunks)), 16)
+    for is_skip, n in ops:
+        want = ref.read(n)
+        if is_skip:
+            assert ours.skip(n) == len(want)
+        else:
+            assert ours.read(n) == want
+    assert ours.read(1 << 20) == ref.read(1 << 20)
+    assert ours.read(5) == b"" and ours.skip(5) == 0
+
+
+def test_c_chunks_hands_a_whole_chunk_on_without_copying():
+    big = os.urandom(1 << 16)
+    c = native.Chunks([big, b"tail"])
+    assert c.read(len(big)) is big               # no copy of an 8 MiB decoded chunk
+    assert c.read(2) == b"ta" and c.read(10) == b"il"
+
+
+def test_c_chunks_passes_iterator_errors_and_refuses_non_bytes():
+    def broken():
+        yield b"abc"
+        raise CorruptInput("layer 1/1: truncated")
+
+    c = native.Chunks(broken())
+    assert c.read(2) == b"ab"
+    with pytest.raises(CorruptInput, match="truncated"):
+        c.read(5)
+    c = native.Chunks(broken())
+    with pytest.raises(CorruptInput, match="truncated"):
+        c.skip(10)
+    with pytest.raises(TypeError, match="bytearray, not bytes"):
+        native.Chunks([bytearray(b"x")]).read(1)
+    with pytest.raises(ValueError):
+        native.Chunks([b"x"]).read(-1)
+
+
+def test_flatten_reads_layers_the_same_through_c_chunks(monkeypatch):
+    """Layers flattened through the C reader and through the BufferedReader (two passes and the
+    single pass): the same tree and content hashes, and a truncated layer gives the same one-line
+    error naming the layer."""
+    from flattools import flatten_tree, image_from_built
+    from ocitools import build_image
+
+    from hpcconv import flatten
+
+    def layer(seed: int, n: int) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for i in range(n):
+                data = bytes([seed + i & 0xFF]) * (i * 997) + os.urandom(i % 5)
+                ti = tarfile.TarInfo(f"d{i % 3}/f{i}" + "x" * (i * 7))     # long names: PAX headers
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+        return buf.getvalue()
+
+    layers = [layer(1, 40), layer(2, 25)]
+
+    def run(chunks_type, tars):
+        monkeypatch.setattr(flatten, "_Chunks", chunks_type)
+        try:
+            tree, f = flatten_tree(image_from_built(build_image(tars)))
+        except CorruptInput as e:
+            return e.message
+        return tree, f.stats["members"]
+
+    ours = run(native.Chunks, layers)
+    assert ours == run(None, layers) and ours[1] == 65
+    cut = [layers[0], layers[1][:len(layers[1]) // 2]]
+    a = run(native.Chunks, cut)
+    assert isinstance(a, str) and "layer 2/2" in a and a == run(None, cut)

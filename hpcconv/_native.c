@@ -28,6 +28,13 @@
  *       and runs Python per refill). skip(n): drops up to n bytes without copying, returns how many.
  *       An exception from the iterator propagates from read/skip, and so does a chunk that is not
  *       bytes (TypeError).
+ *
+ *   sqfs_tables(order, parents, compress) -> (inode table, directory table, ids, xattr sets) | None
+ *       What emit/sqfs.py's SquashWriter.finish makes from its nodes in Python (_inode, _listing,
+ *       _Meta): `order` the nodes in inode order (numbered), `parents` each directory's parent
+ *       number (0 for the others), `compress` a metadata block's compressor; sets each node's ref.
+ *       Anything unexpected (a value out of its field's range, more than 65536 owner ids, a type
+ *       it does not know) gives None and the Python code does it all again (and names the error).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -540,10 +547,443 @@ static PyTypeObject ChunksType = {
     .tp_methods = chunks_methods,
 };
 
+/* -- sqfs_tables: the SquashFS inode and directory tables (emit/sqfs.py's finish) ------------------- */
+typedef struct {
+    unsigned char *p;
+    Py_ssize_t n, cap;
+} Buf;
+
+static int
+buf_put(Buf *b, const void *data, Py_ssize_t n)
+{
+    if (b->n + n > b->cap) {
+        Py_ssize_t cap = b->cap ? b->cap : 1 << 16;
+        while (cap < b->n + n)
+            cap *= 2;
+        unsigned char *q = realloc(b->p, (size_t)cap);
+        if (q == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->p = q;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, data, (size_t)n);
+    b->n += n;
+    return 0;
+}
+
+static void
+le(unsigned char *p, unsigned long long v, int n)
+{
+    for (int i = 0; i < n; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+#define META_SIZE 8192
+#define RAW_META 0x8000
+
+typedef struct {
+    Buf out, buf;
+    PyObject *compress;
+} Meta;
+
+static unsigned long long
+meta_ref(Meta *m)
+{
+    return ((unsigned long long)m->out.n << 16) | (unsigned long long)m->buf.n;
+}
+
+static int
+meta_flush(Meta *m, Py_ssize_t n)
+{
+    PyObject *chunk = PyBytes_FromStringAndSize((const char *)m->buf.p, n);
+    if (chunk == NULL)
+        return -1;
+    memmove(m->buf.p, m->buf.p + n, (size_t)(m->buf.n - n));
+    m->buf.n -= n;
+    PyObject *packed = PyObject_CallOneArg(m->compress, chunk);
+    int rc = -1;
+    if (packed != NULL) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(packed, &v, PyBUF_SIMPLE) == 0) {
+            unsigned char h[2];
+            if (v.len < n) {
+                le(h, (unsigned long long)v.len, 2);
+                rc = buf_put(&m->out, h, 2) < 0 || buf_put(&m->out, v.buf, v.len) < 0 ? -1 : 0;
+            }
+            else {
+                le(h, (unsigned long long)(n | RAW_META), 2);
+                rc = buf_put(&m->out, h, 2) < 0 || buf_put(&m->out, PyBytes_AS_STRING(chunk), n) < 0 ? -1 : 0;
+            }
+            PyBuffer_Release(&v);
+        }
+        Py_DECREF(packed);
+    }
+    Py_DECREF(chunk);
+    return rc;
+}
+
+static int
+meta_add(Meta *m, const void *data, Py_ssize_t n)
+{
+    if (buf_put(&m->buf, data, n) < 0)
+        return -1;
+    while (m->buf.n >= META_SIZE)
+        if (meta_flush(m, META_SIZE) < 0)
+            return -1;
+    return 0;
+}
+
+static PyObject *
+meta_finish(Meta *m)
+{
+    if (m->buf.n && meta_flush(m, m->buf.n) < 0)
+        return NULL;
+    return PyBytes_FromStringAndSize((const char *)m->out.p, m->out.n);
+}
+
+/* An int attribute in [0, max]: 1 and the value, 0 when it is missing, not an int or out of range
+   (the caller defers to Python), -1 on an error that is not one of those. */
+static int
+uattr(PyObject *o, PyObject *name, unsigned long long max, unsigned long long *out)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    int ok = 0;
+    if (PyLong_Check(v)) {
+        unsigned long long x = PyLong_AsUnsignedLongLong(v);
+        if (x == (unsigned long long)-1 && PyErr_Occurred())
+            PyErr_Clear();
+        else if (x <= max) {
+            *out = x;
+            ok = 1;
+        }
+    }
+    Py_DECREF(v);
+    return ok;
+}
+
+/* The index of key in d (given the next index when new); -1 on error. */
+static long long
+index_of(PyObject *d, PyObject *key)
+{
+    PyObject *next = PyLong_FromSsize_t(PyDict_GET_SIZE(d));
+    if (next == NULL)
+        return -1;
+    PyObject *v = PyDict_SetDefault(d, key, next);     /* borrowed */
+    Py_DECREF(next);
+    return v == NULL ? -1 : PyLong_AsLongLong(v);
+}
+
+enum { T_DIR = 1, T_FILE, T_SYMLINK, T_BLOCK, T_CHAR, T_FIFO, T_SOCKET };
+#define NO_INDEX 0xFFFFFFFFULL
+#define U32 0xFFFFFFFFULL
+#define U64 0xFFFFFFFFFFFFFFFFULL
+
+static PyObject *S_type, *S_mode, *S_uid, *S_gid, *S_mtime, *S_number, *S_xattrs, *S_children, *S_nlink,
+    *S_ref, *S_blocks, *S_frag, *S_start, *S_size, *S_sparse, *S_target, *S_rdev;
+
+#define DEFER(expr) do { int _r = (expr); if (_r < 0) goto error; if (_r == 0) goto defer; } while (0)
+
+/* One directory's listing (SquashFS directory headers and entries) into lst; 1, 0 (defer), -1. */
+static int
+listing(PyObject *children, Buf *lst)
+{
+    PyObject *items = PyDict_Items(children);
+    if (items == NULL)
+        return -1;
+    int rc = -1;
+    Buf run = {0};
+    if (PyList_Sort(items) < 0)
+        goto out;
+    Py_ssize_t count = 0;
+    unsigned long long block = 0, base = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *it = PyList_GET_ITEM(items, i), *name = PyTuple_GET_ITEM(it, 0), *child = PyTuple_GET_ITEM(it, 1);
+        unsigned long long ref, number, type;
+        int r;
+        if (!PyBytes_Check(name) || PyBytes_GET_SIZE(name) < 1 || PyBytes_GET_SIZE(name) > 0x10000)
+            { rc = 0; goto out; }
+        if ((r = uattr(child, S_ref, U64, &ref)) <= 0 || (r = uattr(child, S_number, U32, &number)) <= 0 ||
+            (r = uattr(child, S_type, 0xFFFF, &type)) <= 0)
+            { rc = r; goto out; }
+        unsigned long long cblock = ref >> 16, coff = ref & 0xFFFF;
+        long long delta = (long long)number - (long long)base;
+        if (count == 0 || cblock != block || count == 256 || delta > 32767 || delta < -32767) {
+            if (count) {
+                unsigned char h[12];
+                le(h, (unsigned long long)(count - 1), 4); le(h + 4, block, 4); le(h + 8, base, 4);
+                if (buf_put(lst, h, 12) < 0 || buf_put(lst, run.p, run.n) < 0)
+                    goto out;
+            }
+            if (cblock > U32)
+                { rc = 0; goto out; }
+            run.n = 0;
+            count = 0;
+            block = cblock;
+            base = number;
+            delta = 0;
+        }
+        unsigned char e[8];
+        le(e, coff, 2); le(e + 2, (unsigned long long)(delta & 0xFFFF), 2); le(e + 4, type, 2);
+        le(e + 6, (unsigned long long)(PyBytes_GET_SIZE(name) - 1), 2);
+        if (buf_put(&run, e, 8) < 0 || buf_put(&run, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)) < 0)
+            goto out;
+        count++;
+    }
+    if (count) {
+        unsigned char h[12];
+        le(h, (unsigned long long)(count - 1), 4); le(h + 4, block, 4); le(h + 8, base, 4);
+        if (buf_put(lst, h, 12) < 0 || buf_put(lst, run.p, run.n) < 0)
+            goto out;
+    }
+    rc = 1;
+out:
+    free(run.p);
+    Py_DECREF(items);
+    return rc;
+}
+
+static PyObject *
+native_sqfs_tables(PyObject *module, PyObject *args)
+{
+    PyObject *order, *parents, *compress;
+    if (!PyArg_ParseTuple(args, "O!O!O:sqfs_tables", &PyList_Type, &order, &PyList_Type, &parents, &compress))
+        return NULL;
+    if (PyList_GET_SIZE(parents) != PyList_GET_SIZE(order)) {
+        PyErr_SetString(PyExc_ValueError, "sqfs_tables: order and parents differ in length");
+        return NULL;
+    }
+    PyObject *ids = PyDict_New(), *xsets = PyDict_New(), *result = NULL;
+    PyObject *xattrs = NULL, *children = NULL, *blocks = NULL, *frag = NULL, *target = NULL;
+    Meta inodes = {{0}, {0}, compress}, dirs = {{0}, {0}, compress};
+    Buf rec = {0}, lst = {0};
+    if (ids == NULL || xsets == NULL)
+        goto error;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(order); i++) {
+        PyObject *node = PyList_GET_ITEM(order, i);
+        unsigned long long t, mode, mtime, number, nlink, xattr = NO_INDEX;
+        DEFER(uattr(node, S_type, 7, &t));
+        DEFER(uattr(node, S_mode, 0xFFFF, &mode));
+        DEFER(uattr(node, S_mtime, U32, &mtime));
+        DEFER(uattr(node, S_number, U32, &number));
+        DEFER(uattr(node, S_nlink, U32, &nlink));
+        long long uid, gid;
+        PyObject *o = PyObject_GetAttr(node, S_uid);
+        if (o == NULL)
+            goto error;
+        uid = index_of(ids, o);
+        Py_DECREF(o);
+        if (uid < 0)
+            goto error;
+        o = PyObject_GetAttr(node, S_gid);
+        if (o == NULL)
+            goto error;
+        gid = index_of(ids, o);
+        Py_DECREF(o);
+        if (gid < 0)
+            goto error;
+        if (PyDict_GET_SIZE(ids) > 65536)
+            goto defer;                          /* Python names the error */
+        Py_XSETREF(xattrs, PyObject_GetAttr(node, S_xattrs));
+        if (xattrs == NULL)
+            goto error;
+        int has = PyObject_IsTrue(xattrs);
+        if (has < 0)
+            goto error;
+        if (has) {
+            if (!PyDict_Check(xattrs))
+                goto defer;
+            PyObject *items = PyDict_Items(xattrs);
+            if (items == NULL)
+                goto error;
+            if (PyList_Sort(items) < 0) {
+                Py_DECREF(items);
+                PyErr_Clear();
+                goto defer;
+            }
+            PyObject *key = PyList_AsTuple(items);
+            Py_DECREF(items);
+            if (key == NULL)
+                goto error;
+            long long x = index_of(xsets, key);
+            Py_DECREF(key);
+            if (x < 0)
+                goto error;
+            xattr = (unsigned long long)x;
+        }
+        int ext = xattr != NO_INDEX;
+        rec.n = 0;
+        unsigned char b[64];
+        if (t == T_DIR) {
+            unsigned long long parent;
+            PyObject *pn = PyList_GET_ITEM(parents, i);
+            if (!PyLong_Check(pn) || (parent = PyLong_AsUnsignedLongLong(pn)) > U32) {
+                PyErr_Clear();
+                goto defer;
+            }
+            Py_XSETREF(children, PyObject_GetAttr(node, S_children));
+            if (children == NULL)
+                goto error;
+            if (!PyDict_Check(children))
+                goto defer;
+            unsigned long long sub = 0;
+            PyObject *k, *v;
+            Py_ssize_t pos = 0;
+            while (PyDict_Next(children, &pos, &k, &v)) {
+                unsigned long long ct;
+                DEFER(uattr(v, S_type, 0xFFFF, &ct));
+                sub += ct == T_DIR;
+            }
+            nlink = 2 + sub;
+            unsigned long long lref = meta_ref(&dirs);
+            lst.n = 0;
+            DEFER(listing(children, &lst));
+            if (meta_add(&dirs, lst.p, lst.n) < 0)
+                goto error;
+            unsigned long long llen = (unsigned long long)lst.n + 3, lblock = lref >> 16, loff = lref & 0xFFFF;
+            if (lblock > U32 || nlink > U32)
+                goto defer;
+            ext = ext || llen > 0xFFFF;
+            if (ext) {
+                if (llen > U32)
+                    goto defer;
+                /* nlink, size, block, parent, index count (none), offset, xattr */
+                le(b, nlink, 4); le(b + 4, llen, 4); le(b + 8, lblock, 4); le(b + 12, parent, 4);
+                le(b + 16, 0, 2); le(b + 18, loff, 2); le(b + 20, xattr, 4);
+                if (buf_put(&rec, b, 24) < 0)
+                    goto error;
+            }
+            else {
+                le(b, lblock, 4); le(b + 4, nlink, 4); le(b + 8, llen, 2); le(b + 10, loff, 2); le(b + 12, parent, 4);
+                if (buf_put(&rec, b, 16) < 0)
+                    goto error;
+            }
+        }
+        else if (t == T_FILE) {
+            unsigned long long start, size, sparse, fidx, foff;
+            DEFER(uattr(node, S_start, U64, &start));
+            DEFER(uattr(node, S_size, U64, &size));
+            DEFER(uattr(node, S_sparse, U64, &sparse));
+            Py_XSETREF(frag, PyObject_GetAttr(node, S_frag));
+            if (frag == NULL)
+                goto error;
+            if (!PyTuple_Check(frag) || PyTuple_GET_SIZE(frag) != 2 || !PyLong_Check(PyTuple_GET_ITEM(frag, 0)) ||
+                !PyLong_Check(PyTuple_GET_ITEM(frag, 1)))
+                goto defer;
+            fidx = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(frag, 0));
+            foff = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(frag, 1));
+            if (PyErr_Occurred() || fidx > U32 || foff > U32) {
+                PyErr_Clear();
+                goto defer;
+            }
+            ext = ext || nlink > 1 || sparse || size > U32 || start > U32;
+            if (ext) {
+                le(b, start, 8); le(b + 8, size, 8); le(b + 16, sparse, 8); le(b + 24, nlink, 4);
+                le(b + 28, fidx, 4); le(b + 32, foff, 4); le(b + 36, xattr, 4);
+                if (buf_put(&rec, b, 40) < 0)
+                    goto error;
+            }
+            else {
+                le(b, start, 4); le(b + 4, fidx, 4); le(b + 8, foff, 4); le(b + 12, size, 4);
+                if (buf_put(&rec, b, 16) < 0)
+                    goto error;
+            }
+            Py_XSETREF(blocks, PyObject_GetAttr(node, S_blocks));
+            if (blocks == NULL)
+                goto error;
+            if (blocks != Py_None) {
+                if (!PyList_Check(blocks))
+                    goto defer;
+                for (Py_ssize_t j = 0; j < PyList_GET_SIZE(blocks); j++) {
+                    PyObject *s = PyList_GET_ITEM(blocks, j);
+                    unsigned long long z;
+                    if (!PyLong_Check(s) || (z = PyLong_AsUnsignedLongLong(s)) > U32) {
+                        PyErr_Clear();
+                        goto defer;
+                    }
+                    le(b, z, 4);
+                    if (buf_put(&rec, b, 4) < 0)
+                        goto error;
+                }
+            }
+        }
+        else if (t == T_SYMLINK) {
+            Py_XSETREF(target, PyObject_GetAttr(node, S_target));
+            if (target == NULL)
+                goto error;
+            if (!PyBytes_Check(target) || (unsigned long long)PyBytes_GET_SIZE(target) > U32)
+                goto defer;
+            le(b, nlink, 4); le(b + 4, (unsigned long long)PyBytes_GET_SIZE(target), 4);
+            if (buf_put(&rec, b, 8) < 0 || buf_put(&rec, PyBytes_AS_STRING(target), PyBytes_GET_SIZE(target)) < 0)
+                goto error;
+            if (ext) {
+                le(b, xattr, 4);
+                if (buf_put(&rec, b, 4) < 0)
+                    goto error;
+            }
+        }
+        else if (t == T_BLOCK || t == T_CHAR) {
+            unsigned long long rdev;
+            DEFER(uattr(node, S_rdev, U32, &rdev));
+            le(b, nlink, 4); le(b + 4, rdev, 4); le(b + 8, xattr, 4);
+            if (buf_put(&rec, b, ext ? 12 : 8) < 0)
+                goto error;
+        }
+        else {
+            le(b, nlink, 4); le(b + 4, xattr, 4);
+            if (buf_put(&rec, b, ext ? 8 : 4) < 0)
+                goto error;
+        }
+        unsigned long long ref = meta_ref(&inodes);
+        PyObject *r = PyLong_FromUnsignedLongLong(ref);
+        if (r == NULL)
+            goto error;
+        int set = PyObject_SetAttr(node, S_ref, r);
+        Py_DECREF(r);
+        if (set < 0)
+            goto error;
+        unsigned char h[16];
+        le(h, ext ? t + 7 : t, 2); le(h + 2, mode, 2); le(h + 4, (unsigned long long)uid, 2);
+        le(h + 6, (unsigned long long)gid, 2); le(h + 8, mtime, 4); le(h + 12, number, 4);
+        if (meta_add(&inodes, h, 16) < 0 || meta_add(&inodes, rec.p, rec.n) < 0)
+            goto error;
+    }
+    PyObject *itab = meta_finish(&inodes);
+    PyObject *dtab = itab ? meta_finish(&dirs) : NULL;
+    if (dtab != NULL)
+        result = Py_BuildValue("(NNOO)", itab, dtab, ids, xsets);
+    else
+        Py_XDECREF(itab);
+    goto done;
+defer:
+    result = Py_NewRef(Py_None);
+    goto done;
+error:
+    result = NULL;
+done:
+    Py_XDECREF(ids);
+    Py_XDECREF(xsets);
+    Py_XDECREF(xattrs);
+    Py_XDECREF(children);
+    Py_XDECREF(blocks);
+    Py_XDECREF(frag);
+    Py_XDECREF(target);
+    free(inodes.out.p); free(inodes.buf.p); free(dirs.out.p); free(dirs.buf.p); free(rec.p); free(lst.p);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fields", native_fields, METH_O, "Parse a plain tar header block (see the module source), or None."},
     {"ustar", native_ustar, METH_VARARGS, "Format a ustar header block like entries._header."},
     {"match_starts", native_match_starts, METH_VARARGS, "Starts of fixed-length byte-class matches (see the module source)."},
+    {"sqfs_tables", native_sqfs_tables, METH_VARARGS, "The SquashFS inode and directory tables (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -554,6 +994,13 @@ PyInit__native(void)
 {
     if (PyType_Ready(&ChunksType) < 0)
         return NULL;
+#define INTERN(v, s) if ((v = PyUnicode_InternFromString(s)) == NULL) return NULL
+    INTERN(S_type, "type"); INTERN(S_mode, "mode"); INTERN(S_uid, "uid"); INTERN(S_gid, "gid");
+    INTERN(S_mtime, "mtime"); INTERN(S_number, "number"); INTERN(S_xattrs, "xattrs");
+    INTERN(S_children, "children"); INTERN(S_nlink, "nlink"); INTERN(S_ref, "ref"); INTERN(S_blocks, "blocks");
+    INTERN(S_frag, "frag"); INTERN(S_start, "start"); INTERN(S_size, "size"); INTERN(S_sparse, "sparse");
+    INTERN(S_target, "target"); INTERN(S_rdev, "rdev");
+#undef INTERN
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

@@ -60,6 +60,7 @@ from typing import Iterable
 from ..cachefiles import read_trusted, write_atomic
 from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, read_full
 from ..errors import CorruptInput, UsageError
+from ..speedups import native
 
 SUPERBLOCK = struct.Struct("<IIIIIHHHHHHQQQQQQQQ")
 assert SUPERBLOCK.size == 96
@@ -122,6 +123,9 @@ def compressor(name: str, level: int | None):
             return c.compress(data)
         return compress
     raise ValueError(f"hpcconv's SquashFS writer has no {name} compressor")
+
+
+_native_tables = native.sqfs_tables if native is not None else None
 
 
 class _Meta:
@@ -523,28 +527,11 @@ class SquashWriter:
         order = self._order()
         for i, node in enumerate(order, 1):
             node.number = i
-        ids: dict[int, int] = {}
-        xattr_sets: dict[tuple, int] = {}
-        inodes = _Meta(self.compress)
-        dirs = _Meta(self.compress)
-        parents: dict[int, int] = {id(self.root): len(order) + 1}
-        for node in order:
-            if node.type == T_DIR:
-                for child in node.children.values():
-                    if child.type == T_DIR:
-                        parents[id(child)] = node.number
-        for node in order:
-            if node.type == T_DIR:
-                listing_ref = dirs.ref()
-                listing = self._listing(node)
-                dirs.add(listing)
-                self._inode(inodes, node, ids, xattr_sets, listing_ref, len(listing), parents[id(node)])
-            else:
-                self._inode(inodes, node, ids, xattr_sets, 0, 0, 0)
+        inode_table, dir_table, ids, xattr_sets = self._tables(order)
         inode_start = self.pos
-        self._write(inodes.finish())
+        self._write(inode_table)
         dir_start = self.pos
-        self._write(dirs.finish())
+        self._write(dir_table)
         frag_start = self._table(b"".join(struct.pack("<QII", s, z, 0) for s, z in self.frags))
         id_list = sorted(ids, key=ids.get)
         id_start = self._table(struct.pack(f"<{len(id_list)}I", *id_list))
@@ -559,6 +546,34 @@ class SquashWriter:
                              id_start, xattr_start, inode_start, dir_start, frag_start, NO_TABLE)
         os.pwrite(self.fd, sb + self.options, self.base)
         return used + pad
+
+    def _tables(self, order: list[_Node]) -> tuple[bytes, bytes, dict[int, int], dict[tuple, int]]:
+        """The inode table and the directory table (sets each node's ref), with the owner ids and
+        xattr sets they index. In C when the module is built (the same bytes; None from it where
+        something is out of the ordinary, and this code does it all)."""
+        parents: dict[int, int] = {id(self.root): len(order) + 1}
+        for node in order:
+            if node.type == T_DIR:
+                for child in node.children.values():
+                    if child.type == T_DIR:
+                        parents[id(child)] = node.number
+        if _native_tables is not None:
+            got = _native_tables(order, [parents.get(id(n), 0) for n in order], self.compress)
+            if got is not None:
+                return got
+        ids: dict[int, int] = {}
+        xattr_sets: dict[tuple, int] = {}
+        inodes = _Meta(self.compress)
+        dirs = _Meta(self.compress)
+        for node in order:
+            if node.type == T_DIR:
+                listing_ref = dirs.ref()
+                listing = self._listing(node)
+                dirs.add(listing)
+                self._inode(inodes, node, ids, xattr_sets, listing_ref, len(listing), parents[id(node)])
+            else:
+                self._inode(inodes, node, ids, xattr_sets, 0, 0, 0)
+        return inodes.finish(), dirs.finish(), ids, xattr_sets
 
     def _order(self) -> list[_Node]:
         """Every inode once, children before their directory, directories' entries in name order."""

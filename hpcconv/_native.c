@@ -451,16 +451,44 @@ chunks_fill(ChunksObject *self)
     return 1;
 }
 
+/* Up to n bytes across chunks, copied to dest (dropped when dest is NULL): how many, or -1. */
+static Py_ssize_t
+chunks_take(ChunksObject *self, char *dest, Py_ssize_t n)
+{
+    Py_ssize_t done = 0;
+    while (done < n) {
+        int r = chunks_fill(self);
+        if (r < 0)
+            return -1;
+        if (r == 0)
+            break;
+        Py_ssize_t k = PyBytes_GET_SIZE(self->chunk) - self->pos;
+        if (k > n - done)
+            k = n - done;
+        if (dest != NULL)
+            memcpy(dest + done, PyBytes_AS_STRING(self->chunk) + self->pos, (size_t)k);
+        self->pos += k;
+        done += k;
+    }
+    return done;
+}
+
+/* A read or skip size: 0 or more, else -1 with an exception. */
+static Py_ssize_t
+size_arg(PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n < 0 && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "Chunks: a size must be 0 or more");
+    return n < 0 ? -1 : n;
+}
+
 static PyObject *
 chunks_read(ChunksObject *self, PyObject *arg)
 {
-    Py_ssize_t n = PyLong_AsSsize_t(arg);
-    if (n == -1 && PyErr_Occurred())
+    Py_ssize_t n = size_arg(arg);
+    if (n < 0)
         return NULL;
-    if (n < 0) {
-        PyErr_SetString(PyExc_ValueError, "Chunks.read needs a size of 0 or more");
-        return NULL;
-    }
     int r = chunks_fill(self);
     if (r < 0)
         return NULL;
@@ -484,21 +512,10 @@ chunks_read(ChunksObject *self, PyObject *arg)
     PyObject *out = PyBytes_FromStringAndSize(NULL, n);
     if (out == NULL)
         return NULL;
-    Py_ssize_t got = 0;
-    while (got < n) {
-        r = chunks_fill(self);
-        if (r < 0) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        if (r == 0)
-            break;
-        Py_ssize_t k = PyBytes_GET_SIZE(self->chunk) - self->pos;
-        if (k > n - got)
-            k = n - got;
-        memcpy(PyBytes_AS_STRING(out) + got, PyBytes_AS_STRING(self->chunk) + self->pos, (size_t)k);
-        self->pos += k;
-        got += k;
+    Py_ssize_t got = chunks_take(self, PyBytes_AS_STRING(out), n);
+    if (got < 0) {
+        Py_DECREF(out);
+        return NULL;
     }
     if (got < n && _PyBytes_Resize(&out, got) < 0)
         return NULL;
@@ -508,23 +525,9 @@ chunks_read(ChunksObject *self, PyObject *arg)
 static PyObject *
 chunks_skip(ChunksObject *self, PyObject *arg)
 {
-    Py_ssize_t n = PyLong_AsSsize_t(arg);
-    if (n == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t done = 0;
-    while (done < n) {
-        int r = chunks_fill(self);
-        if (r < 0)
-            return NULL;
-        if (r == 0)
-            break;
-        Py_ssize_t k = PyBytes_GET_SIZE(self->chunk) - self->pos;
-        if (k > n - done)
-            k = n - done;
-        self->pos += k;
-        done += k;
-    }
-    return PyLong_FromSsize_t(done);
+    Py_ssize_t n = size_arg(arg);
+    Py_ssize_t done = n < 0 ? -1 : chunks_take(self, NULL, n);
+    return done < 0 ? NULL : PyLong_FromSsize_t(done);
 }
 
 static PyMethodDef chunks_methods[] = {
@@ -681,6 +684,18 @@ index_of(PyObject *d, PyObject *key)
     return v == NULL ? -1 : PyLong_AsLongLong(v);
 }
 
+/* The index of an attribute's value in d (see index_of); -1 on error. */
+static long long
+attr_index(PyObject *o, PyObject *name, PyObject *d)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL)
+        return -1;
+    long long i = index_of(d, v);
+    Py_DECREF(v);
+    return i;
+}
+
 enum { T_DIR = 1, T_FILE, T_SYMLINK, T_BLOCK, T_CHAR, T_FIFO, T_SOCKET };
 #define NO_INDEX 0xFFFFFFFFULL
 #define U32 0xFFFFFFFFULL
@@ -774,19 +789,7 @@ native_sqfs_tables(PyObject *module, PyObject *args)
         DEFER(uattr(node, S_mtime, U32, &mtime));
         DEFER(uattr(node, S_number, U32, &number));
         DEFER(uattr(node, S_nlink, U32, &nlink));
-        long long uid, gid;
-        PyObject *o = PyObject_GetAttr(node, S_uid);
-        if (o == NULL)
-            goto error;
-        uid = index_of(ids, o);
-        Py_DECREF(o);
-        if (uid < 0)
-            goto error;
-        o = PyObject_GetAttr(node, S_gid);
-        if (o == NULL)
-            goto error;
-        gid = index_of(ids, o);
-        Py_DECREF(o);
+        long long uid = attr_index(node, S_uid, ids), gid = uid < 0 ? -1 : attr_index(node, S_gid, ids);
         if (gid < 0)
             goto error;
         if (PyDict_GET_SIZE(ids) > 65536)

@@ -559,6 +559,8 @@ typedef struct {
 static int
 buf_put(Buf *b, const void *data, Py_ssize_t n)
 {
+    if (n == 0)
+        return 0;                       /* (an empty listing: data may be NULL) */
     if (b->n + n > b->cap) {
         Py_ssize_t cap = b->cap ? b->cap : 1 << 16;
         while (cap < b->n + n)

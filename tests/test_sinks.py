@@ -410,3 +410,28 @@ def test_force_replaces_across_types_without_following(tmp_path, canary):
     assert not link.is_symlink() and (link / "etc" / "passwd").is_file()
     assert sorted(os.listdir(canary)) == ["precious"]
     no_temps(tmp_path)
+
+
+def test_an_interrupt_right_after_the_builder_starts_kills_it(tmp_path, monkeypatch):
+    """A Ctrl-C that lands just after tar2sqfs started, before the first byte went down the pipe:
+    the tool is killed (not left running to write the temporary after it was removed) and nothing
+    is left next to the output. The interrupt is raised where the CLI's signal handler would raise
+    it (CI once caught this window with a real SIGINT; no real component hits it on demand)."""
+    need("tar2sqfs")
+    started: list[subprocess.Popen] = []
+    real = subprocess.Popen
+
+    def popen(*a, **kw):
+        started.append(real(*a, **kw))
+        return started[-1]
+
+    def interrupted(f):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(sinks, "widen_pipe", interrupted)
+    monkeypatch.setenv("HPCCONV_SQUASHFS_BUILDER", "external")
+    with pytest.raises(KeyboardInterrupt):
+        write_squashfs(iter([Entry("a", FILE, 0o644, size=1, reader=io.BytesIO(b"x"))]), tmp_path / "o.sqfs", "gzip")
+    assert len(started) == 1 and started[0].poll() is not None     # killed and reaped
+    assert os.listdir(tmp_path) == []

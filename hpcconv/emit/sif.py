@@ -388,9 +388,9 @@ def _squashfs_into(entries: Iterable[Entry], tmp: Path, offset: int, compression
     dropped: list[str] = []
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        sinks.widen_pipe(proc.stdin)
         n = 0
         try:
+            sinks.widen_pipe(proc.stdin)        # (in the try: an interrupt here kills the tool too)
             n = sinks._write_tar_to(sinks._sqfs_entries(entries, dropped), proc.stdin, None, None, reporter,
                                     f"writing {label}")
             proc.stdin.close()

@@ -469,9 +469,11 @@ def write_squashfs(entries: Iterable[Entry], path: Path | str, compression: str 
         cmd = squashfs_command(tmp, compression, level, block_size)
         with tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
-            widen_pipe(proc.stdin)
             n = 0
             try:
+                # (inside the try: a Ctrl-C met here, right after the start, must kill the tool too,
+                # or it lives on and writes the temporary after it was removed)
+                widen_pipe(proc.stdin)
                 n = _write_tar_to(_sqfs_entries(entries, dropped), proc.stdin, None, None, reporter,
                                   f"writing {path.name}")
                 proc.stdin.close()

@@ -5,7 +5,8 @@ consume them. Contract of an entry stream:
 
 * paths are relative to the root, normalised (no leading `/` or `./`, no `..`, no trailing `/`);
   the root itself is never an entry; names may hold any byte except NUL (non-UTF-8 bytes are kept
-  as surrogate escapes, so `os.fsencode(path)` gives the original bytes);
+  as surrogate escapes, so `path.encode("utf-8", "surrogateescape")` gives the original bytes in
+  any locale — `os.fsencode` does only where the filesystem encoding is UTF-8);
 * every directory appears before anything inside it;
 * a `hardlink` entry's `linkname` is the path of an entry already yielded earlier in the stream;
 * a `file` entry's `reader` yields exactly `size` bytes and is valid only until the consumer asks

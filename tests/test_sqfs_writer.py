@@ -477,3 +477,34 @@ def test_a_file_thousands_of_directories_deep_first(tmp_path):
     back = tree_of_tar(sqfs2tar(img))
     assert back[deep + "/f"][5] == hashlib.sha256(b"deep").hexdigest()
     assert back["d"][1] == 0o700 and back["d/d"][1] == 0o755 and len(back) == 3001
+
+
+def test_names_do_not_depend_on_the_locale(tmp_path):
+    """The stream's names are the layer's bytes (decoded as UTF-8 with surrogate escapes whatever
+    the locale): written under an ASCII filesystem encoding (C locale, UTF-8 mode off) the image is
+    byte for byte the one written here, non-UTF-8 bytes, non-ASCII names, link targets and xattrs
+    included (os.fsencode raised UnicodeEncodeError there, and gave Latin-1 bytes in a Latin-1
+    locale)."""
+    import sys
+
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_sqfs_writer import write_native, rich_stream, BS
+from hpcconv.entries import Entry, SYMLINK
+items = [(e, d) for e, d in rich_stream() if e.path.startswith(("odd", "bin"))]
+items.append((Entry("odd/l\\u00e9", SYMLINK, 0o777, linkname="caf\\u00e9/\\udce9"), b""))
+print(sys.getfilesystemencoding())
+write_native(items, __import__("pathlib").Path(sys.argv[1]), block_size=BS)
+"""
+    for name, env, encoding in [("c.sqfs", {"PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "LANG": "C"},
+                                 "ascii"), ("u.sqfs", {"PYTHONUTF8": "1"}, "utf-8")]:
+        r = subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], env={**os.environ, **env},
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.split() == [encoding], r.stderr
+    assert (tmp_path / "c.sqfs").read_bytes() == (tmp_path / "u.sqfs").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(sqfs2tar(tmp_path / "c.sqfs")), encoding="utf-8",
+                      errors="surrogateescape") as tf:       # sqfs2tar: the independent reader
+        got = {ti.name.lstrip("./"): ti for ti in tf}
+    assert "odd/caf\udce9" in got                              # the byte 0xE9 itself
+    assert got["odd/l\xe9"].linkname == "caf\xe9/\udce9"       # é as UTF-8, then 0xE9

@@ -128,6 +128,13 @@ def compressor(name: str, level: int | None):
 _native_tables = native.sqfs_tables if native is not None else None
 
 
+def _raw(s: str) -> bytes:
+    """A name of the entry stream as the bytes it came from (the stream decodes them as UTF-8 with
+    surrogate escapes, whatever the locale; os.fsencode would follow the locale: other bytes in a
+    Latin-1 one, an error in an ASCII one)."""
+    return s.encode("utf-8", "surrogateescape")
+
+
 class _Meta:
     """Metadata blocks: 8 KiB of uncompressed bytes each, behind a 2-byte length."""
 
@@ -269,7 +276,7 @@ class SquashWriter:
 
     @staticmethod
     def _name(name: str, path: str) -> bytes:
-        bname = os.fsencode(name)
+        bname = _raw(name)
         if len(bname) > 255:
             raise CorruptInput(f"entry {path!r}: a name is longer than 255 bytes")
         return bname
@@ -319,7 +326,7 @@ class SquashWriter:
             if t == FILE:
                 self._file(node, e)
             elif t == SYMLINK:
-                node.target = os.fsencode(e.linkname)
+                node.target = _raw(e.linkname)
             elif t in (CHAR, BLOCK):
                 node.rdev = (e.devminor & 0xFF) | ((e.devmajor & 0xFFF) << 8) | ((e.devminor & ~0xFF) << 12)
         parent.children[name] = node
@@ -672,7 +679,7 @@ class SquashWriter:
             ref = kv.ref()
             size = 0
             for key, value in items:
-                kb = os.fsencode(key) if isinstance(key, str) else key
+                kb = _raw(key) if isinstance(key, str) else key
                 for prefix, code in _XATTR_PREFIXES:
                     if kb.startswith(prefix):
                         name = kb[len(prefix):]

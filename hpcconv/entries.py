@@ -72,6 +72,12 @@ class Entry:
         return _STAT_TYPES[self.type] | (self.mode & 0o7777)
 
 
+def raw(name: str) -> bytes:
+    """The bytes a path or name of the stream stands for (see the contract above), in any locale:
+    what a sink hands to the OS or writes into an image."""
+    return name.encode("utf-8", "surrogateescape")
+
+
 _FIELDS = frozenset(f.name for f in fields(Entry))
 _NFIELDS = len(_FIELDS)
 

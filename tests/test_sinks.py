@@ -435,3 +435,28 @@ def test_an_interrupt_right_after_the_builder_starts_kills_it(tmp_path, monkeypa
         write_squashfs(iter([Entry("a", FILE, 0o644, size=1, reader=io.BytesIO(b"x"))]), tmp_path / "o.sqfs", "gzip")
     assert len(started) == 1 and started[0].poll() is not None     # killed and reaped
     assert os.listdir(tmp_path) == []
+
+
+def test_dir_names_do_not_depend_on_the_locale(tmp_path):
+    """A directory output's names and link targets are the layer's bytes in any locale: written
+    under an ASCII filesystem encoding (C locale, UTF-8 mode off: os functions given a str raised
+    UnicodeEncodeError there, and wrote Latin-1 bytes in a Latin-1 locale), read back as bytes here."""
+    script = """
+import io, sys
+from hpcconv.emit.sinks import write_dir
+from hpcconv.entries import DIR, FILE, HARDLINK, SYMLINK, Entry
+es = [Entry("d\\u00e9", DIR, 0o755), Entry("d\\u00e9/caf\\udce9", FILE, 0o644, size=2, reader=io.BytesIO(b"hi")),
+      Entry("l\\u00e9", SYMLINK, 0o777, linkname="d\\u00e9/caf\\udce9"),
+      Entry("h\\u00e9", HARDLINK, linkname="d\\u00e9/caf\\udce9")]
+print(sys.getfilesystemencoding())
+write_dir(iter(es), sys.argv[1])
+"""
+    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "LANG": "C"}
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["ascii"], r.stderr
+    out = os.fsencode(tmp_path / "out")
+    assert sorted(os.listdir(out)) == [b"d\xc3\xa9", b"h\xc3\xa9", b"l\xc3\xa9"]
+    assert os.listdir(out + b"/d\xc3\xa9") == [b"caf\xe9"]
+    assert os.readlink(out + b"/l\xc3\xa9") == b"d\xc3\xa9/caf\xe9"
+    st = os.stat(out + b"/h\xc3\xa9")
+    assert st.st_nlink == 2 and open(out + b"/h\xc3\xa9", "rb").read() == b"hi"

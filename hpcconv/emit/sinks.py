@@ -61,7 +61,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, TarWriter
+from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, TarWriter, raw
 from ..errors import CorruptInput, HpcconvError, UnsafeInput, UsageError
 from ..progress import NULL, Reporter
 
@@ -535,12 +535,12 @@ class _DirWriter:
         try:
             for i, p in enumerate(parts):
                 try:
-                    nfd = os.open(p, _DIR_FLAGS, dir_fd=fd)
+                    nfd = os.open(raw(p), _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
                         raise CorruptInput(f"entry {path!r}: {'/'.join(parts[:i + 1])} does not exist") from None
-                    os.mkdir(p, 0o755, dir_fd=fd)  # implicit parent, like tar
-                    nfd = os.open(p, _DIR_FLAGS, dir_fd=fd)
+                    os.mkdir(raw(p), 0o755, dir_fd=fd)  # implicit parent, like tar
+                    nfd = os.open(raw(p), _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR):
                         raise UnsafeInput(f"entry {path!r} would be written through "
@@ -564,7 +564,7 @@ class _DirWriter:
         self._cache = (key, fd)
         return fd
 
-    def _clear(self, name: str, pfd: int, e: Entry) -> None:
+    def _clear(self, name: bytes, pfd: int, e: Entry) -> None:
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
@@ -590,7 +590,7 @@ class _DirWriter:
     def add(self, e: Entry) -> None:
         parts = _parts(e.path, "entry")
         pfd = self.parent(parts, e.path)
-        name = parts[-1]
+        name = raw(parts[-1])      # the layer's bytes whatever the locale (os would encode a str by it)
         if e.type == DIR:
             try:
                 os.mkdir(name, 0o700, dir_fd=pfd)
@@ -628,14 +628,14 @@ class _DirWriter:
             finally:
                 os.close(fd)
         elif e.type == SYMLINK:
-            os.symlink(e.linkname, name, dir_fd=pfd)
+            os.symlink(raw(e.linkname), name, dir_fd=pfd)
             self._owner(name, e, pfd)
             os.utime(name, (e.mtime, e.mtime), dir_fd=pfd, follow_symlinks=False)
         elif e.type == HARDLINK:
             tparts = _parts(e.linkname.lstrip("/"), f"hardlink target of {e.path!r}:")
             tfd = self._open_dir(tuple(tparts[:-1]), False, e.path)
             try:
-                os.link(tparts[-1], name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+                os.link(raw(tparts[-1]), name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
             except FileNotFoundError:
                 raise CorruptInput(f"hardlink {e.path!r} points to {e.linkname!r}, which does not exist") from None
             except PermissionError:

@@ -59,6 +59,7 @@ from typing import Iterable
 
 from ..cachefiles import read_trusted, write_atomic
 from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, read_full
+from ..entries import raw as _raw   # (not os.fsencode: that follows the locale)
 from ..errors import CorruptInput, UsageError
 from ..speedups import native
 
@@ -126,13 +127,6 @@ def compressor(name: str, level: int | None):
 
 
 _native_tables = native.sqfs_tables if native is not None else None
-
-
-def _raw(s: str) -> bytes:
-    """A name of the entry stream as the bytes it came from (the stream decodes them as UTF-8 with
-    surrogate escapes, whatever the locale; os.fsencode would follow the locale: other bytes in a
-    Latin-1 one, an error in an ASCII one)."""
-    return s.encode("utf-8", "surrogateescape")
 
 
 class _Meta:

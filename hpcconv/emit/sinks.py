@@ -534,13 +534,14 @@ class _DirWriter:
         fd = os.dup(self.root_fd)
         try:
             for i, p in enumerate(parts):
+                bp = raw(p)                         # the layer's bytes whatever the locale
                 try:
-                    nfd = os.open(raw(p), _DIR_FLAGS, dir_fd=fd)
+                    nfd = os.open(bp, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
                         raise CorruptInput(f"entry {path!r}: {'/'.join(parts[:i + 1])} does not exist") from None
-                    os.mkdir(raw(p), 0o755, dir_fd=fd)  # implicit parent, like tar
-                    nfd = os.open(raw(p), _DIR_FLAGS, dir_fd=fd)
+                    os.mkdir(bp, 0o755, dir_fd=fd)  # implicit parent, like tar
+                    nfd = os.open(bp, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR):
                         raise UnsafeInput(f"entry {path!r} would be written through "

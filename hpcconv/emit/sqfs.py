@@ -58,8 +58,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..cachefiles import read_trusted, write_atomic
-from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, read_full
-from ..entries import raw as _raw   # (not os.fsencode: that follows the locale)
+from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, raw, read_full
 from ..errors import CorruptInput, UsageError
 from ..speedups import native
 
@@ -270,7 +269,7 @@ class SquashWriter:
 
     @staticmethod
     def _name(name: str, path: str) -> bytes:
-        bname = _raw(name)
+        bname = raw(name)             # (not os.fsencode: that follows the locale)
         if len(bname) > 255:
             raise CorruptInput(f"entry {path!r}: a name is longer than 255 bytes")
         return bname
@@ -320,7 +319,7 @@ class SquashWriter:
             if t == FILE:
                 self._file(node, e)
             elif t == SYMLINK:
-                node.target = _raw(e.linkname)
+                node.target = raw(e.linkname)
             elif t in (CHAR, BLOCK):
                 node.rdev = (e.devminor & 0xFF) | ((e.devmajor & 0xFFF) << 8) | ((e.devminor & ~0xFF) << 12)
         parent.children[name] = node
@@ -673,7 +672,7 @@ class SquashWriter:
             ref = kv.ref()
             size = 0
             for key, value in items:
-                kb = _raw(key) if isinstance(key, str) else key
+                kb = raw(key) if isinstance(key, str) else key
                 for prefix, code in _XATTR_PREFIXES:
                     if kb.startswith(prefix):
                         name = kb[len(prefix):]

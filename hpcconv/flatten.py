@@ -363,10 +363,21 @@ class _Named:
     found there says which layer and entry. (A plain object, not an io.RawIOBase: one is made for
     every file of every layer, and the message only when an error needs it.)"""
 
-    __slots__ = ("_inner", "_layer", "_name")
+    __slots__ = ("_inner", "_layer", "_name", "_end")
 
-    def __init__(self, inner, layer: str, name: str):
+    def __init__(self, inner, layer: str, name: str, end: tuple[bytes, int] | None = None):
         self._inner, self._layer, self._name = inner, layer, name
+        self._end = end         # (layer blob sha256, offset where the content ends), for provenance
+
+    def provenance(self) -> tuple[bytes, int] | None:
+        """Where the next byte read comes from: (the raw sha256 of the layer blob, its offset in the
+        blob's decoded stream), the content following contiguously; None if not known. The blob's
+        digest is checked as the layer is read (a mismatch fails the conversion), and decoding is a
+        function of the blob, so the pair names the bytes as well as their own hash would
+        (emit/sqfs.py reuses blocks by it without hashing them)."""
+        if self._end is None:
+            return None
+        return self._end[0], self._end[1] - self._inner._left
 
     def readable(self) -> bool:
         return True
@@ -933,7 +944,7 @@ class Flattener:
         try:
             for i in reversed(range(len(layers))):
                 what = self._what(i)
-                st = _LayerState(i, what)
+                st = _LayerState(i, what, layers[i].digest)
                 for tr, ti, ordinal in self._layer_members(i, diff_ids[i] if diff_ids else None, task):
                     try:
                         e = self._td_member(td, st, tr, ti, ordinal)
@@ -1112,7 +1123,12 @@ class Flattener:
         if kind == FILE:
             size = ti.size
             self.stats["content_bytes"] += size
-            reader = _Named(tr.content(ti), st.what, ti.name) if size else io.BytesIO(b"")
+            if size:
+                # the content's place in the decoded layer (contiguous unless the member is sparse)
+                end = (st.blob, tr.offset + size) if st.blob is not None and ti.sparse is None else None
+                reader = _Named(tr.content(ti), st.what, ti.name, end)
+            else:
+                reader = io.BytesIO(b"")
             return Entry(key, FILE, mode, ti.uid, ti.gid, ti.mtime, size, "", ti.devmajor, ti.devminor,
                          dict(xattrs), reader=reader)
         return Entry(key, kind, mode, ti.uid, ti.gid, ti.mtime, 0, ti.linkname if kind == SYMLINK else "",
@@ -1187,11 +1203,17 @@ class _TopDown:
 class _LayerState:
     """Per-layer bookkeeping: paths this layer wrote, their ancestors, implied dirs, opaque dirs."""
 
-    __slots__ = ("index", "what", "unpacked", "ancestors", "implied", "opaque_done", "aufs",
+    __slots__ = ("index", "what", "blob", "unpacked", "ancestors", "implied", "opaque_done", "aufs",
                  "dirs", "nondirs", "links", "shadowed", "parents_ok", "parents_seen", "new_gone", "new_opq")
 
-    def __init__(self, index: int, what: str):
+    def __init__(self, index: int, what: str, digest: str = ""):
         self.index, self.what = index, what
+        # the blob's sha256 as bytes (content provenance, see _Named), if it is a sha256 digest
+        algo, _, hexd = digest.partition(":")
+        try:
+            self.blob = bytes.fromhex(hexd) if algo == "sha256" and len(hexd) == 64 else None
+        except ValueError:
+            self.blob = None
         self.unpacked: set[str] = set()
         self.ancestors: set[str] = set()
         self.implied: set[str] = set()

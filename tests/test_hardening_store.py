@@ -182,7 +182,7 @@ def test_gc_reclaims_leftovers_of_dead_processes(henv, store_dir):
     reuse = store_dir / "block-reuse" / "zstd-3-1048576-zstd1.5.7"
     reuse.mkdir(parents=True)
     (reuse / ("e" * 32 + ".idx")).write_bytes(
-        b'hpcconv block-reuse 1\n{"path": "/nonexistent/image.sqfs", "base": 0, "stat": [1, 2, 3, 4]}\n')
+        b'hpcconv block-reuse 2\n{"path": "/nonexistent/image.sqfs", "base": 0, "stat": [1, 2, 3, 4]}\n')
     dead_tmp = store_dir / ".tmp-deadbeef"
     dead_tmp.write_bytes(b"{}")
     for p in (stale, dead_tmp):

@@ -257,6 +257,11 @@ class _Peek:
     def readable(self) -> bool:
         return True
 
+    def provenance(self):
+        """The wrapped reader's (see flatten._Named): the bytes pass unchanged."""
+        p = getattr(self._r, "provenance", None)
+        return p() if p is not None else None
+
 
 class ArchProbe:
     """Stream transform that notes the ELF machine of every executable regular file as its content

@@ -164,7 +164,7 @@ class _Meta:
 
 class _Node:
     __slots__ = ("type", "mode", "uid", "gid", "mtime", "xattrs", "nlink", "children", "size", "start",
-                 "blocks", "frag", "sparse", "target", "rdev", "ref", "number", "digests", "pdigests")
+                 "blocks", "frag", "sparse", "target", "rdev", "ref", "number", "digests", "pdigests", "spans")
 
     def __init__(self, t: int, e: Entry | None):
         self.type = t
@@ -195,9 +195,18 @@ class _Node:
         self.xattrs = e.xattrs or None
 
 
-def _hashes(batch: list[tuple[_Node, bytes]]) -> tuple[int, list[bytes], None, None, bool]:
+def _hashes(batch: list[tuple[_Node, bytes, bytes | None, bytes | None]]) -> tuple[int, list[bytes], None, None, bool]:
     sha = hashlib.sha256
-    return 0, [sha(data).digest() for _, data in batch], None, None, False
+    return 0, [key if key is not None else sha(data).digest() for _, data, _, key in batch], None, None, False
+
+
+_SPAN = struct.Struct("<QQ")
+_ZERO_KEY = b"\0" * 32
+
+
+def _span(blob: bytes, offset: int, length: int) -> bytes:
+    """The key of `length` bytes at `offset` of a layer blob's decoded stream (blob: its sha256)."""
+    return blob + _SPAN.pack(offset, length)
 
 
 def _read_exact(read, n: int, path: str) -> bytes:
@@ -240,7 +249,7 @@ class SquashWriter:
         self.zero = bytes(block_size)
         self.runs: dict[bytes, tuple[int, list[int], int]] = {}   # block-run digest -> (start, sizes, sparse)
         self.tails: dict[bytes, tuple[int, int]] = {}             # small file sha256 -> fragment
-        self.batch: list[tuple[_Node, bytes]] = []                # small files not yet hashed
+        self.batch: list[tuple[_Node, bytes, bytes | None, bytes | None]] = []   # small files not yet hashed
         self.batch_bytes = 0
         self.frag_parts: list[bytes] = []                          # the fragment block being filled
         self.frag_len = 0
@@ -250,6 +259,10 @@ class SquashWriter:
         self.progress = progress or (lambda n: None)
         self.reuse = reuse
         self.records: list[bytes] = []                             # what a later run may reuse
+        # where content came from (a span of a layer, see _span) -> its sha256, from earlier images'
+        # indexes: a block or small file whose span is known needs no hashing; and what this image adds
+        self.known: dict[bytes, bytes] = reuse.known if reuse is not None else {}
+        self.span_records: list[bytes] = []
         self.blocks_written = self.blocks_reused = 0      # blocks in the image; of them, taken from an earlier one
         self.run_reused = 0                                  # reused blocks of the file being written
         self.compressions_saved = 0                          # blocks not compressed thanks to reuse
@@ -330,6 +343,14 @@ class SquashWriter:
         if self.clamp is not None and node.mtime > self.clamp:
             node.mtime = self.clamp
 
+    def _origin(self, e: Entry) -> tuple[bytes, int] | None:
+        """The provenance of the content about to be read (flatten._Named.provenance), when reuse
+        is on: blocks are then keyed by where they come from as well as by their hash."""
+        if self.reuse is None:
+            return None
+        p = getattr(e.reader, "provenance", None)
+        return p() if p is not None else None
+
     def _file(self, node: _Node, e: Entry) -> None:
         size = node.size = e.size
         if size == 0:
@@ -337,10 +358,15 @@ class SquashWriter:
             return
         read = e.reader.read
         bs = self.block_size
+        origin = self._origin(e)
         if size < bs:
             data = _read_exact(read, size, e.path)
             node.blocks = []
-            self.batch.append((node, data))
+            if origin is None:
+                self.batch.append((node, data, None, None))
+            else:
+                span = _span(origin[0], origin[1], size)
+                self.batch.append((node, data, span, self.known.get(span)))
             self.batch_bytes += size
             if self.batch_bytes >= BATCH * bs:
                 self._submit_batch()
@@ -349,28 +375,41 @@ class SquashWriter:
         node.blocks = []
         node.digests = []
         node.pdigests = []
+        node.spans = spans = [] if origin is not None else None
+        known = self.known
         left = size
         group: list[bytes] = []
+        keys: list[bytes | None] | None = [] if known and origin is not None else None
         while left > 0:
             data = _read_exact(read, min(bs, left), e.path)
+            if spans is not None:
+                span = _span(origin[0], origin[1] + size - left, len(data))
+                spans.append(span)
+                if keys is not None:
+                    keys.append(known.get(span))
             left -= len(data)
             group.append(data)
             if len(group) == GROUP or not left:
-                self._queue(("b", node, self.pool.submit(self._blocks, group)))
+                self._queue(("b", node, self.pool.submit(self._blocks, group, keys)))
                 group = []
+                if keys is not None:
+                    keys = []
             self.progress(len(data))
         self._queue(("e", node, None))
 
-    def _blocks(self, group: list[bytes]) -> list:
-        return [self._block(data, None) for data in group]
+    def _blocks(self, group: list[bytes], keys: list[bytes | None] | None) -> list:
+        if keys is None:
+            return [self._block(data, None) for data in group]
+        return [self._block(data, key) for data, key in zip(group, keys)]
 
     def _block(self, data: bytes | list[bytes], key: bytes | None):
         """(size field, bytes to write, key, sha256 of those bytes or None, reused) of one data or
         fragment block (a fragment comes as its parts); runs on a pool thread. The key is the sha256
-        of the uncompressed bytes (a fragment's: of its parts' sha256s)."""
+        of the uncompressed bytes (a fragment's: of its parts' sha256s); given, when an earlier
+        image recorded it for the block's span (never for an all-zero block, see _end_run)."""
         if key is None:
             if len(data) == self.block_size and data == self.zero:
-                return 0, b"", b"\0" * 32, None, False
+                return 0, b"", _ZERO_KEY, None, False
             key = hashlib.sha256(data).digest()
         if self.reuse is not None:
             hit = self.reuse.read(key)
@@ -393,8 +432,10 @@ class SquashWriter:
             self.batch, self.batch_bytes = [], 0
             self._queue(("s", batch, self.pool.submit(_hashes, batch)))
 
-    def _pack(self, batch: list[tuple[_Node, bytes]], digests: list[bytes]) -> None:
-        for (node, data), key in zip(batch, digests):
+    def _pack(self, batch: list[tuple[_Node, bytes, bytes | None, bytes | None]], digests: list[bytes]) -> None:
+        for (node, data, span, _), key in zip(batch, digests):
+            if span is not None:
+                self.span_records.append(span + key)
             known = self.tails.get(key)
             if known is not None:
                 node.frag = known
@@ -486,6 +527,11 @@ class SquashWriter:
         key = hashlib.sha256(b"".join(node.digests) + struct.pack("<Q", node.size)).digest()
         digests, pdigests = node.digests, node.pdigests
         node.digests = node.pdigests = None
+        if node.spans is not None:
+            for span, k in zip(node.spans, digests):
+                if k != _ZERO_KEY:                # (an all-zero block is found without hashing it)
+                    self.span_records.append(span + k)
+            node.spans = None
         reused, self.run_reused = self.run_reused, 0
         self.compressions_saved += reused
         known = self.runs.get(key)
@@ -712,7 +758,8 @@ def write(entries: Iterable[Entry], fd: int, base: int = 0, **kw) -> SquashWrite
 
 # reuse of earlier images' compressed blocks ----------------------------------------------------------------
 _REUSE_RECORD = struct.Struct("<32sQI32s")    # key, position in the image, size field, sha256 of the bytes
-_REUSE_MAGIC = b"hpcconv block-reuse 1\n"
+_SPAN_RECORD = 48 + 32                        # a span (_span) and the sha256 of its bytes
+_REUSE_MAGIC = b"hpcconv block-reuse 2\n"
 REUSE_KEEP = 16                               # newest indexes kept per setting
 
 
@@ -738,11 +785,18 @@ class BlockReuse:
     file (device, inode, size, modification time) and only if this user wrote it, and every block
     read from an image must match the sha256 recorded for it, else it is compressed afresh.
     An image removed, moved or rewritten since simply gives no blocks. HPCCONV_BLOCK_REUSE=0 turns
-    it off."""
+    it off.
+
+    An index also records, for content that came straight from a layer, where it came from (the
+    layer blob's sha256, the offset and length in its decoded stream: `_span`) and the sha256 of
+    those bytes (`known`): the same span of a verified blob is the same bytes, so a later
+    conversion of that layer takes the hash from there instead of hashing the bytes again (the
+    image is the same either way)."""
 
     def __init__(self, directory: Path, settings: str):
         self.dir = Path(directory) / settings
         self.blocks: dict[bytes, tuple[int, int, int, bytes]] = {}
+        self.known: dict[bytes, bytes] = {}
         self.fds: list[int] = []
         self.images = 0
         self._load()
@@ -801,9 +855,13 @@ class BlockReuse:
         self.images += 1
         base = int(head.get("base", 0))
         size = _REUSE_RECORD.size
-        for off in range(0, len(recs) - len(recs) % size, size):
+        end = min(int(head.get("blocks", 0)), len(recs) // size) * size
+        for off in range(0, end, size):
             key, pos, field, digest = _REUSE_RECORD.unpack_from(recs, off)
             self.blocks.setdefault(key, (fd, base + pos, field, digest))
+        spans = bytes(recs[end:len(recs) - (len(recs) - end) % _SPAN_RECORD])
+        r = range(0, len(spans), _SPAN_RECORD)
+        self.known.update(zip([spans[i:i + 48] for i in r], [spans[i + 48:i + _SPAN_RECORD] for i in r]))
         return True
 
     def read(self, key: bytes) -> tuple[int, bytes, bytes] | None:
@@ -828,7 +886,7 @@ class BlockReuse:
 
     def save(self, image: Path, base: int, writer: SquashWriter) -> None:
         """Record where `writer`'s blocks are in `image` (once it is in its final place)."""
-        if not writer.records:
+        if not writer.records and not writer.span_records:
             return
         try:
             path = os.path.abspath(image)
@@ -837,6 +895,8 @@ class BlockReuse:
             return
         if not stat.S_ISREG(st.st_mode):
             return
-        head = json.dumps({"path": path, "base": base, "stat": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]})
+        head = json.dumps({"path": path, "base": base, "stat": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns],
+                           "blocks": len(writer.records)})
         name = hashlib.sha256(os.fsencode(path)).hexdigest()[:32] + ".idx"
-        write_atomic(self.dir / name, _REUSE_MAGIC + head.encode() + b"\n" + b"".join(writer.records))
+        write_atomic(self.dir / name, _REUSE_MAGIC + head.encode() + b"\n" + b"".join(writer.records)
+                     + b"".join(writer.span_records))

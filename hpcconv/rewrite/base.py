@@ -98,6 +98,14 @@ class _TeeReader:
     def readable(self) -> bool:
         return True
 
+    def provenance(self) -> tuple[bytes, int] | None:
+        """The source's provenance (see flatten._Named) at this reader's position: the same bytes."""
+        p = getattr(self._r, "provenance", None)
+        got = p() if p is not None else None
+        if got is None:
+            return None
+        return got[0], got[1] - self._fed + self._pos
+
     def _pull(self, n: int) -> bytes:
         data = self._r.read(n)
         if data and self._scanners:

@@ -275,8 +275,10 @@ class TarReader:
         m.sparse = None
         if self._global:
             pax = {**self._global, **pax}
-        if f and not pax:                      # the common case, parsed in C (the same values)
+        if f and (not pax or pax.keys() <= _PAX_TIMES):   # the common cases, parsed in C (the same values)
             _, _, name, m.mode, m.uid, m.gid, m.mtime, link, m.devmajor, m.devminor = f
+            if "mtime" in pax:
+                m.mtime = _pax_float(pax["mtime"])
             m.name = _str(longname if longname is not None else name)
             m.linkname = _str(longlink if longlink is not None else link)
         else:
@@ -381,6 +383,11 @@ def _sparse_entries(area: bytes, n: int) -> list[tuple[int, int]]:
             break
         out.append((_num(off), _num(length)))
     return out
+
+
+# PAX records that only say times (GNU tar --format=posix writes atime and ctime for every member):
+# the rest of such a member's header is the block's, which the C module parses
+_PAX_TIMES = frozenset(("atime", "ctime", "mtime"))
 
 
 def _pax_float(v: str) -> float:

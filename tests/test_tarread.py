@@ -238,3 +238,38 @@ def test_endless_extended_headers_refused():
         out.write(ti.tobuf(tarfile.GNU_FORMAT) + payload.ljust(-(-len(payload) // 512) * 512, b"\0"))
     with pytest.raises(CorruptInput, match="in all for one member"):
         ours(out.getvalue())
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-module", "python"])
+def test_gnu_tar_posix_time_records(native, tmp_path, monkeypatch):
+    """GNU tar's --format=posix gives every member PAX records of its times (atime, ctime, and
+    mtime where it has a fraction): read as tarfile reads them, through the C module's header
+    fields (the rest of the header is the block's) and without it."""
+    import os
+
+    from hpcconv import tarread
+
+    if native and tarread._native_fields is None:
+        pytest.skip("the C module is not built")
+    if not native:
+        monkeypatch.setattr(tarread, "_native_fields", None)
+    src = tmp_path / "src"
+    (src / "d" / ("p" * 90)).mkdir(parents=True)
+    (src / "d" / ("p" * 90) / ("q" * 60)).write_bytes(b"ustar prefix")
+    (src / "d" / ("l" * 120)).write_bytes(b"long name")
+    (src / "f").write_bytes(b"x" * 1000)
+    os.symlink("f", src / "s")
+    os.link(src / "f", src / "h")
+    os.utime(src / "f", ns=(1_600_000_000_123_456_789, 1_600_000_000_987_654_321))
+    os.utime(src / "d", ns=(1_600_000_001_000_000_000, 1_600_000_002_000_000_000))
+    tar = tmp_path / "posix.tar"
+    subprocess.run(["tar", "--format=posix", "--owner=4321", "--group=8765", "-cf", str(tar), "-C", str(src),
+                    "."], check=True)
+    data = tar.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        heads = [ti.pax_headers for ti in tf]
+    assert all({"atime", "ctime"} <= h.keys() for h in heads)          # what this test is about
+    assert any("mtime" in h for h in heads) and any("path" in h for h in heads)
+    got = ours(data)
+    assert got == ref(data)
+    assert {g[3] for g in got} == {4321} and next(g[5] for g in got if g[0] == "./f") == 1_600_000_000.987654321

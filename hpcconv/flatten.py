@@ -882,6 +882,9 @@ class Flattener:
         # its blob digest is checked after all.
         verify = i in self._from_cache
         raw = self._open(i, verify=verify)
+        # provenance only for bytes this read verifies (a mismatch fails the conversion before any
+        # block-reuse index is written): a span must never name unverified bytes
+        blob = _blob_key(self.image.layers[i].digest) if verify else None
         pf = None
         try:
             ordinal = -1
@@ -903,7 +906,8 @@ class Flattener:
                 left -= 1
                 paths = pending[id(ino)]
                 self.stats["content_bytes"] += ino.size
-                yield self._entry(paths[0], ino, reader=tf.content(ti))
+                end = (blob, tf.offset + ti.size) if blob is not None and ti.sparse is None else None
+                yield self._entry(paths[0], ino, reader=_Named(tf.content(ti), what, ti.name, end))
                 for p in paths[1:]:
                     yield self._entry(p, ino, link=paths[0])
             if verify:
@@ -1200,6 +1204,15 @@ class _TopDown:
             self.hcache = {}
 
 
+def _blob_key(digest: str) -> bytes | None:
+    """A layer blob's sha256 as bytes (content provenance, see _Named), if it is a sha256 digest."""
+    algo, _, hexd = digest.partition(":")
+    try:
+        return bytes.fromhex(hexd) if algo == "sha256" and len(hexd) == 64 else None
+    except ValueError:
+        return None
+
+
 class _LayerState:
     """Per-layer bookkeeping: paths this layer wrote, their ancestors, implied dirs, opaque dirs."""
 
@@ -1209,11 +1222,7 @@ class _LayerState:
     def __init__(self, index: int, what: str, digest: str = ""):
         self.index, self.what = index, what
         # the blob's sha256 as bytes (content provenance, see _Named), if it is a sha256 digest
-        algo, _, hexd = digest.partition(":")
-        try:
-            self.blob = bytes.fromhex(hexd) if algo == "sha256" and len(hexd) == 64 else None
-        except ValueError:
-            self.blob = None
+        self.blob = _blob_key(digest)
         self.unpacked: set[str] = set()
         self.ancestors: set[str] = set()
         self.implied: set[str] = set()

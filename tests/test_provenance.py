@@ -181,3 +181,28 @@ def test_an_index_of_the_older_format_is_dropped(tmp_path):
                     % (str(img).encode(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) + bytes(76))
     r = sqfs.BlockReuse(where, sqfs.settings_name("zstd", 3, 1 << 16))
     assert r.images == 0 and not r.blocks and not r.known and not old.exists()
+
+
+def test_two_passes_give_provenance_only_where_the_emit_pass_verifies(tmp_path):
+    """The two-pass flatten's emit pass reads a layer to its end and checks its digest only when the
+    index pass took the layer's index from the cache (else the index pass verified it and the emit
+    pass stops early, unverified): only those reads name their bytes' place in the layer."""
+    built = _image()[0]
+    decoded = {bytes.fromhex(d.split(":")[1]): _decoded(b) for d, b in built.blobs.items()
+               if b[:2] == b"\x1f\x8b"}
+    cache = tmp_path / "index-cache"
+
+    def files(flat):
+        out = {}
+        for e in flat.entries():
+            if e.type == FILE and e.size:
+                p = e.reader.provenance()
+                data = e.reader.read()
+                if p is not None:
+                    assert decoded[p[0]][p[1]:p[1] + e.size] == data
+                out[e.path] = p
+        return out
+    first = files(Flattener(image_from_built(built), index_cache=cache))      # indexes the layers
+    assert set(first.values()) == {None}
+    again = files(Flattener(image_from_built(built), index_cache=cache))      # from the cache: verified
+    assert set(again) == set(first) and None not in again.values()

@@ -224,7 +224,7 @@ def _convert(img: Image, pc, target: str, output: Path, fmt: str, compression: s
 
     def consume(flat):
         prep = prepare(img, profile, target)
-        with block_reuse_in(reuse):
+        with block_reuse_in(reuse, [layer.digest for layer in img.layers]):
             res = emitter.emit(prep.runner.transform(flat.entries()), prep.image, output, fmt=fmt,
                                compression=comp, reporter=reporter, force=force)
         return prep, res

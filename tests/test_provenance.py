@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -206,3 +207,33 @@ def test_two_passes_give_provenance_only_where_the_emit_pass_verifies(tmp_path):
     assert set(first.values()) == {None}
     again = files(Flattener(image_from_built(built), index_cache=cache))      # from the cache: verified
     assert set(again) == set(first) and None not in again.values()
+
+
+def test_only_the_spans_of_the_layers_at_hand_are_loaded(tmp_path):
+    """An index keeps its spans by layer blob: a conversion loads those of its own layers only (an
+    index holds one span per file of its image), and a damaged span list costs the spans, not the
+    blocks."""
+    where = tmp_path / "reuse"
+    built = _image()[0]
+    _write(image_from_built(built), tmp_path / "first.sqfs", where)
+    settings = sqfs.settings_name("zstd", 3, 1 << 16)
+    digests = [d.digest for d in image_from_built(built).manifest.layers]
+    every = sqfs.BlockReuse(where, settings)
+    lower = sqfs.BlockReuse(where, settings, blobs=[digests[0]])
+    none = sqfs.BlockReuse(where, settings, blobs=["sha256:" + "0" * 64])
+    assert {k[:32] for k in every.known} == {bytes.fromhex(d.split(":")[1]) for d in digests}
+    assert {k[:32] for k in lower.known} == {bytes.fromhex(digests[0].split(":")[1])}
+    assert len(lower.known) < len(every.known) and not none.known
+    assert {k: v[1:] for k, v in lower.blocks.items()} == {k: v[1:] for k, v in every.blocks.items()} != {}
+    for r in (every, lower, none):
+        r.close()
+    idx = next((where / settings).glob("*.idx"))
+    data = idx.read_bytes()
+    head_end = data.index(b"\n", len(b"hpcconv block-reuse 2\n"))
+    head = json.loads(data[len(b"hpcconv block-reuse 2\n"):head_end])
+    head["spans"][0][1] += 10 ** 6                           # more records than the file holds
+    idx.write_bytes(data[:len(b"hpcconv block-reuse 2\n")] + json.dumps(head).encode() + data[head_end:])
+    os.chmod(idx, 0o644)
+    damaged = sqfs.BlockReuse(where, settings)
+    assert damaged.images == 1 and damaged.blocks and not damaged.known
+    damaged.close()

@@ -390,14 +390,17 @@ def squashfs_builder(compression: str) -> str:
     return choice
 
 
-_REUSE_DIR: "contextvars.ContextVar[Path | None]" = contextvars.ContextVar("hpcconv_block_reuse", default=None)
+_REUSE_DIR: "contextvars.ContextVar[tuple[Path, list[str] | None] | None]" = contextvars.ContextVar(
+    "hpcconv_block_reuse", default=None)
 
 
 @contextlib.contextmanager
-def block_reuse_in(directory: Path | None) -> Iterator[None]:
+def block_reuse_in(directory: Path | None, blobs: list[str] | None = None) -> Iterator[None]:
     """SquashFS images written inside take their compressed blocks from earlier images recorded in
-    `directory` where they can, and are recorded there (the store's block-reuse/; emit/sqfs.py)."""
-    token = _REUSE_DIR.set(directory)
+    `directory` where they can, and are recorded there (the store's block-reuse/; emit/sqfs.py);
+    `blobs`: the digests of the layers the images are made of (what an index knows of other
+    layers is not loaded)."""
+    token = _REUSE_DIR.set((directory, blobs) if directory is not None else None)
     try:
         yield
     finally:
@@ -418,7 +421,7 @@ def write_squashfs_native(entries: Iterable[Entry], fd: int, base: int, compress
     reuse = None
     where = _REUSE_DIR.get()
     if where is not None and os.environ.get("HPCCONV_BLOCK_REUSE", "1") != "0":
-        reuse = sqfs.BlockReuse(where, sqfs.settings_name(compression, level, block_size))
+        reuse = sqfs.BlockReuse(where[0], sqfs.settings_name(compression, level, block_size), blobs=where[1])
     dropped: list[str] = []
     task = reporter.task(what)
     try:

@@ -758,7 +758,7 @@ def write(entries: Iterable[Entry], fd: int, base: int = 0, **kw) -> SquashWrite
 
 # reuse of earlier images' compressed blocks ----------------------------------------------------------------
 _REUSE_RECORD = struct.Struct("<32sQI32s")    # key, position in the image, size field, sha256 of the bytes
-_SPAN_RECORD = 48 + 32                        # a span (_span) and the sha256 of its bytes
+_SPAN_RECORD = 16 + 32                        # a span's offset and length (_span, its blob said once) and sha256
 _REUSE_MAGIC = b"hpcconv block-reuse 2\n"
 REUSE_KEEP = 16                               # newest indexes kept per setting
 
@@ -791,12 +791,14 @@ class BlockReuse:
     layer blob's sha256, the offset and length in its decoded stream: `_span`) and the sha256 of
     those bytes (`known`): the same span of a verified blob is the same bytes, so a later
     conversion of that layer takes the hash from there instead of hashing the bytes again (the
-    image is the same either way)."""
+    image is the same either way). The spans are kept by blob; given `blobs` (the digests of the
+    layers about to be read), only theirs are loaded (an index holds one per file of its image)."""
 
-    def __init__(self, directory: Path, settings: str):
+    def __init__(self, directory: Path, settings: str, blobs: Iterable[str] | None = None):
         self.dir = Path(directory) / settings
         self.blocks: dict[bytes, tuple[int, int, int, bytes]] = {}
         self.known: dict[bytes, bytes] = {}
+        self._blobs = None if blobs is None else {d.partition(":")[2] for d in blobs if d.startswith("sha256:")}
         self.fds: list[int] = []
         self.images = 0
         self._load()
@@ -859,10 +861,27 @@ class BlockReuse:
         for off in range(0, end, size):
             key, pos, field, digest = _REUSE_RECORD.unpack_from(recs, off)
             self.blocks.setdefault(key, (fd, base + pos, field, digest))
-        spans = bytes(recs[end:len(recs) - (len(recs) - end) % _SPAN_RECORD])
-        r = range(0, len(spans), _SPAN_RECORD)
-        self.known.update(zip([spans[i:i + 48] for i in r], [spans[i + 48:i + _SPAN_RECORD] for i in r]))
+        try:
+            self._take_spans(head.get("spans", []), recs, end)
+        except (ValueError, TypeError):
+            pass                                 # a damaged span list: the blocks alone still serve
         return True
+
+    def _take_spans(self, groups: list, recs: memoryview, pos: int) -> None:
+        """`groups`: [blob sha256 hex, count] for each run of span records from `pos` on."""
+        want = self._blobs
+        for hexd, count in groups:
+            n = int(count) * _SPAN_RECORD
+            if n < 0 or pos + n > len(recs):
+                raise ValueError("span records beyond the index")
+            if want is None or hexd in want:
+                blob = bytes.fromhex(hexd)
+                if len(blob) != 32:
+                    raise ValueError("not a sha256")
+                data = bytes(recs[pos:pos + n])
+                r = range(0, n, _SPAN_RECORD)
+                self.known.update(zip([blob + data[i:i + 16] for i in r], [data[i + 16:i + _SPAN_RECORD] for i in r]))
+            pos += n
 
     def read(self, key: bytes) -> tuple[int, bytes, bytes] | None:
         """(size field, bytes, their sha256) of an earlier block with that key, if still intact."""
@@ -895,8 +914,12 @@ class BlockReuse:
             return
         if not stat.S_ISREG(st.st_mode):
             return
+        by_blob: dict[bytes, list[bytes]] = {}
+        for r in writer.span_records:                # span (blob, offset, length) + sha256
+            by_blob.setdefault(r[:32], []).append(r[32:])
         head = json.dumps({"path": path, "base": base, "stat": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns],
-                           "blocks": len(writer.records)})
+                           "blocks": len(writer.records),
+                           "spans": [[blob.hex(), len(rs)] for blob, rs in by_blob.items()]})
         name = hashlib.sha256(os.fsencode(path)).hexdigest()[:32] + ".idx"
         write_atomic(self.dir / name, _REUSE_MAGIC + head.encode() + b"\n" + b"".join(writer.records)
-                     + b"".join(writer.span_records))
+                     + b"".join(b"".join(rs) for rs in by_blob.values()))

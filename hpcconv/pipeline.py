@@ -123,12 +123,24 @@ def scan(image: Image, reporter=NULL, extra_passes=()) -> Scan:
     from .rewrite.base import PassRunner
 
     def consume(flat):
-        runner = PassRunner(default_passes(image.config.env) + list(extra_passes))
+        runner = PassRunner(default_passes(image.config.env) + list(extra_passes), elf_cache=elf_cache_of(image))
         runner.run(flat.entries())
         return runner
 
     flat, runner = flatten_into(image, reporter, consume)
+    if runner.elf_cache is not None:
+        runner.elf_cache.save()              # every layer was read to its end and verified
     return Scan(image, runner, flat.checks)
+
+
+def elf_cache_of(image: Image):
+    """The store's ELF findings by content provenance (rewrite/elfcache.py) for an image pulled
+    through the store; None otherwise or with HPCCONV_ELF_CACHE=0."""
+    if not getattr(image, "index_cache", None) or os.environ.get("HPCCONV_ELF_CACHE", "1") == "0":
+        return None
+    from .rewrite.elfcache import ElfCache
+
+    return ElfCache(image.index_cache)
 
 
 def verdict(checks: Checks) -> str:
@@ -163,12 +175,13 @@ def prepare(image: Image, profile, target: str | None = None) -> Prepared:
 
     passes = default_passes(image.config.env)
     prep = None
+    cache = elf_cache_of(image)
     if profile is not None:
         plan = make_plan(profile, target)
         image, notes = prepared_image(image, plan)
         prep = PreparePass(profile, plan, notes)
         passes.append(prep)
-    return Prepared(image, PassRunner(passes, profile), prep)
+    return Prepared(image, PassRunner(passes, profile, elf_cache=cache), prep)
 
 
 @dataclass
@@ -230,6 +243,8 @@ def _convert(img: Image, pc, target: str, output: Path, fmt: str, compression: s
         return prep, res
 
     flat, (prep, res) = flatten_into(img, reporter, consume)
+    if prep.runner.elf_cache is not None:
+        prep.runner.elf_cache.save()         # every layer was read to its end and verified
     checks.extend(flat.checks)
     checks.extend(prep.finish())
     checks.extend(res.checks)

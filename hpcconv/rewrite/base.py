@@ -158,17 +158,36 @@ class _TeeReader:
             s.close(complete and self._fed >= self._size)
 
 
+class _Known:
+    """A scanner with nothing to scan: the ELF findings for these bytes are known (elfcache)."""
+
+    __slots__ = ("_entry", "_info", "_done")
+
+    def __init__(self, entry: Entry, info, done):
+        self._entry, self._info, self._done = entry, info, done
+
+    def feed(self, offset: int, data: bytes) -> None:
+        pass
+
+    def close(self, complete: bool) -> None:
+        self._info.complete = complete
+        self._done(self._entry, self._info)
+
+
 class PassRunner:
     """Runs passes over an entry stream as one transform (``transform``) or to the end (``run``)."""
 
-    def __init__(self, passes: Iterable[Pass], profile=None, head_size: int = HEAD_SIZE):
+    def __init__(self, passes: Iterable[Pass], profile=None, head_size: int = HEAD_SIZE, elf_cache=None):
         self.passes = list(passes)
+        # ElfScanner findings kept by content provenance (rewrite/elfcache.py), or None
+        self.elf_cache = elf_cache
         self.profile = profile
         self.head_size = head_size
         self.scan_instructions = any(p.scan_instructions for p in self.passes)
         self.entries_seen = 0
         self.files_seen = 0
         self.elf_seen = 0
+        self.elf_cached = 0
         self._editors = [p for p in self.passes
                          if type(p).edit is not Pass.edit or type(p).additions is not Pass.additions]
         from .elfinfo import ElfScanner, is_elf      # once, not per file
@@ -178,7 +197,7 @@ class PassRunner:
         self._dropped: set[str] = set()    # paths dropped by an edit (hardlinks to them go too)
         self.links_dropped: list[str] = [] # those hardlinks
 
-    def _scanners_for(self, e: Entry, head: bytes) -> list[Scanner]:
+    def _scanners_for(self, e: Entry, head: bytes, origin: tuple[bytes, int] | None) -> list[Scanner]:
         out: list[Scanner] = []
         for p in self.passes:
             s = p.observe(e, head)
@@ -186,8 +205,24 @@ class PassRunner:
                 out.append(s)
         if self._is_elf(head):
             self.elf_seen += 1
-            out.append(self._elf_scanner(e, head, self._elf_done, scan_instructions=self.scan_instructions))
+            out.append(self._elf(e, head, origin))
         return out
+
+    def _elf(self, e: Entry, head: bytes, origin: tuple[bytes, int] | None) -> Scanner:
+        """An ElfScanner, or, for content whose findings the cache has, one that hands those over."""
+        cache = self.elf_cache
+        if cache is None or origin is None:
+            return self._elf_scanner(e, head, self._elf_done, scan_instructions=self.scan_instructions)
+        where = (origin[0].hex(), origin[1], e.size, e.path, self.scan_instructions)
+        info = cache.get(*where)
+        if info is not None:
+            self.elf_cached += 1
+            return _Known(e, info, self._elf_done)
+
+        def done(entry: Entry, info) -> None:
+            cache.put(*where, info)
+            self._elf_done(entry, info)
+        return self._elf_scanner(e, head, done, scan_instructions=self.scan_instructions)
 
     def _elf_done(self, entry: Entry, info) -> None:
         for p in self.passes:
@@ -229,8 +264,12 @@ class PassRunner:
             self.entries_seen += 1
             if e.type == FILE and e.size and e.reader is not None:
                 self.files_seen += 1
+                origin = None
+                if self.elf_cache is not None:
+                    prov = getattr(e.reader, "provenance", None)
+                    origin = prov() if prov is not None else None
                 head = read_full(e.reader.read, min(self.head_size, e.size))
-                tee = _TeeReader(head, e.reader, e.size, self._scanners_for(e, head))
+                tee = _TeeReader(head, e.reader, e.size, self._scanners_for(e, head, origin))
                 out = e.with_(reader=tee)
                 if editing:
                     out = self._edit(out, head)

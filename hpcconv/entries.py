@@ -10,7 +10,12 @@ consume them. Contract of an entry stream:
 * every directory appears before anything inside it;
 * a `hardlink` entry's `linkname` is the path of an entry already yielded earlier in the stream;
 * a `file` entry's `reader` yields exactly `size` bytes and is valid only until the consumer asks
-  for the next entry (content is streamed, never held for the whole image).
+  for the next entry (content is streamed, never held for the whole image);
+* a reader may have `provenance()`: (a layer blob's sha256, the offset in its decoded stream) of
+  the next byte it returns, the rest following contiguously (flatten._Named). Block reuse and the
+  ELF findings cache trust it in place of the bytes' own hash, so a wrapper that hands on the very
+  same bytes may forward it (the passes' tee, the SIF probe) and one that changes them must not
+  have it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
       tmp/                       partial downloads: <algo>-<hex>.partial (+ .lock), resumable
       locks/                     index.json lock
       leases/                    one file per live process that uses the store (see below)
-      index-cache/<algo>/        flatten's per-layer header indexes and diff_id records (flatten.py)
+      index-cache/<algo>/        flatten's per-layer header indexes and diff_id records (flatten.py),
+                                 the ELF findings of each layer's files (rewrite/elfcache.py)
       block-reuse/<settings>/    where earlier SquashFS images keep their compressed blocks (emit/sqfs.py)
 
 Rules: a blob reaches `blobs/` only after its full content matched its digest (write to a temp

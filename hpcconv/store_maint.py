@@ -287,8 +287,9 @@ def gc(store: Store, grace: float = DEFAULT_GRACE, partial_grace: float = DEFAUL
 
 
 def _prune_index_cache(store: Store, gone: set[str], now: float, grace: float, dry_run: bool) -> int:
-    """flatten's per-layer header indexes and diff_id records (index-cache/<algo>/<hex>.vN.json,
-    <hex>.diff_id) of blobs no longer in the store, and write temporaries older than grace."""
+    """flatten's per-layer header indexes, diff_id records and ELF findings (index-cache/<algo>/
+    <hex>.vN.json, <hex>.diff_id, <hex>.elf.json) of blobs no longer in the store, and write
+    temporaries older than grace."""
     def stale(algo: str, p: Path) -> bool:
         hexd = p.name.split(".", 1)[0]
         return f"{algo}:{hexd}" in gone or not (store.root / "blobs" / algo / hexd).is_file()

@@ -179,6 +179,7 @@ def test_gc_reclaims_leftovers_of_dead_processes(henv, store_dir):
     cache.mkdir(parents=True)
     (cache / ("d" * 64 + ".v1.json")).write_text("{}")        # the index of a blob that is gone
     (cache / ("d" * 64 + ".diff_id")).write_text("x y\n")     # and its diff_id record
+    (cache / ("d" * 64 + ".elf.json")).write_text("{}")       # and its files' ELF findings
     reuse = store_dir / "block-reuse" / "zstd-3-1048576-zstd1.5.7"
     reuse.mkdir(parents=True)
     (reuse / ("e" * 32 + ".idx")).write_bytes(
@@ -199,7 +200,7 @@ def test_gc_reclaims_leftovers_of_dead_processes(henv, store_dir):
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
         assert w.partial.exists()
-    assert rep["partials_removed"] == 1 and rep["temporaries_removed"] == 1 and rep["index_cache_removed"] == 2
+    assert rep["partials_removed"] == 1 and rep["temporaries_removed"] == 1 and rep["index_cache_removed"] == 3
     assert rep["block_reuse_removed"] == 1                   # an index of an image that is gone
     assert not list(cache.iterdir()) and not list(reuse.iterdir())
     assert not stale.exists() and not dead_tmp.exists()

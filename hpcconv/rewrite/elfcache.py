@@ -16,6 +16,7 @@ the same ownership checks as the header index.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -23,9 +24,11 @@ from pathlib import Path
 from ..cachefiles import read_trusted, write_atomic
 from .elfinfo import ElfInfo, IsaScan
 
-_FIELDS = ("elf_class", "little_endian", "machine", "etype", "interp", "soname", "needed", "rpath", "runpath",
-           "dynamic_resolved", "isa_needed", "isa_used", "error")
-_SCAN_FIELDS = ("bytes_scanned", "vex", "evex", "vex_clusters", "evex_clusters")
+# every field the scanner fills (a field added to ElfInfo or IsaScan is kept too; the code digest
+# below drops findings of the code before it), but the path (the key's), the ABI tag and the scan
+# (nested), `complete` (how this read went) and the scan's future
+_FIELDS = tuple(f.name for f in dataclasses.fields(ElfInfo) if f.name not in ("path", "abi_tag", "isa_scan", "complete"))
+_SCAN_FIELDS = tuple(f.name for f in dataclasses.fields(IsaScan) if f.name != "pending")
 _code: str | None = None
 
 

@@ -77,6 +77,12 @@ class Entry:
         return _STAT_TYPES[self.type] | (self.mode & 0o7777)
 
 
+def provenance_of(reader) -> tuple[bytes, int] | None:
+    """A reader's provenance (see the contract above), None where it has none."""
+    p = getattr(reader, "provenance", None)
+    return p() if p is not None else None
+
+
 def raw(name: str) -> bytes:
     """The bytes a path or name of the stream stands for (see the contract above), in any locale:
     what a sink hands to the OS or writes into an image."""

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..entries import FILE, HARDLINK, SYMLINK, Entry
+from ..entries import FILE, HARDLINK, SYMLINK, Entry, provenance_of
 from ..errors import CorruptInput, UsageError
 from ..progress import NULL, Reporter
 from . import sinks
@@ -259,8 +259,7 @@ class _Peek:
 
     def provenance(self):
         """The wrapped reader's (see flatten._Named): the bytes pass unchanged."""
-        p = getattr(self._r, "provenance", None)
-        return p() if p is not None else None
+        return provenance_of(self._r)
 
 
 class ArchProbe:

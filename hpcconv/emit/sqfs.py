@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..cachefiles import read_trusted, write_atomic
-from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, raw, read_full
+from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, provenance_of, raw, read_full
 from ..errors import CorruptInput, UsageError
 from ..speedups import native
 
@@ -346,10 +346,7 @@ class SquashWriter:
     def _origin(self, e: Entry) -> tuple[bytes, int] | None:
         """The provenance of the content about to be read (flatten._Named.provenance), when reuse
         is on: blocks are then keyed by where they come from as well as by their hash."""
-        if self.reuse is None:
-            return None
-        p = getattr(e.reader, "provenance", None)
-        return p() if p is not None else None
+        return provenance_of(e.reader) if self.reuse is not None else None
 
     def _file(self, node: _Node, e: Entry) -> None:
         size = node.size = e.size
@@ -376,24 +373,20 @@ class SquashWriter:
         node.digests = []
         node.pdigests = []
         node.spans = spans = [] if origin is not None else None
-        known = self.known
+        known = self.known if spans is not None else None
         left = size
         group: list[bytes] = []
-        keys: list[bytes | None] | None = [] if known and origin is not None else None
         while left > 0:
             data = _read_exact(read, min(bs, left), e.path)
             if spans is not None:
-                span = _span(origin[0], origin[1] + size - left, len(data))
-                spans.append(span)
-                if keys is not None:
-                    keys.append(known.get(span))
+                spans.append(_span(origin[0], origin[1] + size - left, len(data)))
             left -= len(data)
             group.append(data)
             if len(group) == GROUP or not left:
+                # the sha256s an earlier image recorded for these blocks' spans (None: hash them)
+                keys = [known.get(s) for s in spans[-len(group):]] if known else None
                 self._queue(("b", node, self.pool.submit(self._blocks, group, keys)))
                 group = []
-                if keys is not None:
-                    keys = []
             self.progress(len(data))
         self._queue(("e", node, None))
 

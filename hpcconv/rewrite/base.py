@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import BinaryIO, Iterable, Iterator
 
-from ..entries import DIR, FILE, HARDLINK, Entry, read_full
+from ..entries import DIR, FILE, HARDLINK, Entry, provenance_of, read_full
 from ..harness.checks import Checks
 
 HEAD_SIZE = 64 * 1024
@@ -100,8 +100,7 @@ class _TeeReader:
 
     def provenance(self) -> tuple[bytes, int] | None:
         """The source's provenance (see flatten._Named) at this reader's position: the same bytes."""
-        p = getattr(self._r, "provenance", None)
-        got = p() if p is not None else None
+        got = provenance_of(self._r)
         if got is None:
             return None
         return got[0], got[1] - self._fed + self._pos
@@ -264,10 +263,7 @@ class PassRunner:
             self.entries_seen += 1
             if e.type == FILE and e.size and e.reader is not None:
                 self.files_seen += 1
-                origin = None
-                if self.elf_cache is not None:
-                    prov = getattr(e.reader, "provenance", None)
-                    origin = prov() if prov is not None else None
+                origin = provenance_of(e.reader) if self.elf_cache is not None else None
                 head = read_full(e.reader.read, min(self.head_size, e.size))
                 tee = _TeeReader(head, e.reader, e.size, self._scanners_for(e, head, origin))
                 out = e.with_(reader=tee)

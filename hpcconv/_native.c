@@ -25,7 +25,9 @@
  *   Chunks(iterator) -> a reader over an iterator of bytes chunks (the flatten's decoded layer)
  *       read(n): up to n bytes, short only at the end (b"" there); a chunk handed on whole is not
  *       copied, any other read copies once (io.BufferedReader over a Python readinto copies twice
- *       and runs Python per refill). skip(n): drops up to n bytes without copying, returns how many.
+ *       and runs Python per refill). view(n): as read, but n bytes that lie within one chunk come
+ *       as a read-only memoryview of that chunk (no copy; the chunk lives as long as the view).
+ *       skip(n): drops up to n bytes without copying, returns how many.
  *       An exception from the iterator propagates from read/skip, and so does a chunk that is not
  *       bytes (TypeError).
  *
@@ -522,6 +524,30 @@ chunks_read(ChunksObject *self, PyObject *arg)
     return out;
 }
 
+/* As read, but n bytes within the current chunk come as a read-only memoryview of them (no copy;
+   the chunk, immutable bytes, stays alive as long as the view). Across chunks: bytes, as read. */
+static PyObject *
+chunks_view(ChunksObject *self, PyObject *arg)
+{
+    Py_ssize_t n = size_arg(arg);
+    if (n < 0)
+        return NULL;
+    int r = chunks_fill(self);
+    if (r < 0)
+        return NULL;
+    Py_ssize_t avail = r == 0 ? 0 : PyBytes_GET_SIZE(self->chunk) - self->pos;
+    if (n == 0 || n > avail || (self->pos == 0 && n == avail))
+        return chunks_read(self, arg);
+    PyObject *whole = PyMemoryView_FromObject(self->chunk);
+    if (whole == NULL)
+        return NULL;
+    PyObject *out = PySequence_GetSlice(whole, self->pos, self->pos + n);
+    Py_DECREF(whole);
+    if (out != NULL)
+        self->pos += n;
+    return out;
+}
+
 static PyObject *
 chunks_skip(ChunksObject *self, PyObject *arg)
 {
@@ -532,6 +558,7 @@ chunks_skip(ChunksObject *self, PyObject *arg)
 
 static PyMethodDef chunks_methods[] = {
     {"read", (PyCFunction)chunks_read, METH_O, "Up to n bytes (short only at the end)."},
+    {"view", (PyCFunction)chunks_view, METH_O, "As read; within one chunk a memoryview of it (no copy)."},
     {"skip", (PyCFunction)chunks_skip, METH_O, "Drop up to n bytes; returns how many were dropped."},
     {NULL, NULL, 0, NULL},
 };

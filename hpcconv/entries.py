@@ -15,7 +15,11 @@ consume them. Contract of an entry stream:
   the next byte it returns, the rest following contiguously (flatten._Named). Block reuse and the
   ELF findings cache trust it in place of the bytes' own hash, so a wrapper that hands on the very
   same bytes may forward it (the passes' tee, the SIF probe) and one that changes them must not
-  have it.
+  have it;
+* a reader may have `read_view(n)`: as `read`, but the bytes may come as a read-only memoryview
+  (of immutable bytes: a decoded layer chunk, no copy). Only for consumers that take any
+  bytes-like object (hashing, compressing, writing, joining) and get it through `reader_of`; a
+  wrapper that hands on the same bytes may forward it (the tee, the SIF probe).
 """
 
 from __future__ import annotations
@@ -81,6 +85,12 @@ def provenance_of(reader) -> tuple[bytes, int] | None:
     """A reader's provenance (see the contract above), None where it has none."""
     p = getattr(reader, "provenance", None)
     return p() if p is not None else None
+
+
+def reader_of(reader):
+    """A reader's `read_view` where it has one (see the contract above), else its `read`."""
+    view = getattr(reader, "read_view", None)
+    return view if view is not None else reader.read
 
 
 def raw(name: str) -> bytes:

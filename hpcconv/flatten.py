@@ -386,9 +386,19 @@ class _Named:
         try:
             return self._inner.read(n)
         except CorruptInput as e:
-            if e.message.startswith("layer "):
-                raise
-            raise CorruptInput(f"{self._layer} entry {self._name!r}: {e.message}", hint=e.hint) from None
+            raise self._named(e) from None
+
+    def read_view(self, n: int = -1):
+        """As read, maybe a memoryview (see entries.reader_of): the inner reader's, no copy."""
+        try:
+            return self._inner.read_view(n)
+        except CorruptInput as e:
+            raise self._named(e) from None
+
+    def _named(self, e: CorruptInput) -> CorruptInput:
+        if e.message.startswith("layer "):
+            return e
+        return CorruptInput(f"{self._layer} entry {self._name!r}: {e.message}", hint=e.hint)
 
     def readinto(self, b) -> int:
         data = self.read(len(b))

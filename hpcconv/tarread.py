@@ -97,6 +97,14 @@ class _Content:
         return True
 
     def read(self, n: int = -1) -> bytes:
+        return self._take(n, False)
+
+    def read_view(self, n: int = -1):
+        """As read, but the bytes may come as a read-only memoryview into the decoded layer (no
+        copy; see entries.reader_of)."""
+        return self._take(n, True)
+
+    def _take(self, n: int, view: bool):
         if self._gen != self._tr._gen:
             raise ValueError("member content read after the tar reader moved on")
         if n is None or n < 0:
@@ -105,7 +113,7 @@ class _Content:
         if n <= 0:
             return b""
         if self._segs is None:
-            data = self._tr._read_data(n)
+            data = self._tr._read_data(n, view)
         else:
             # full reads, like a BufferedReader: some consumers take a short read for EOF
             parts = []
@@ -154,6 +162,7 @@ class TarReader:
     def __init__(self, stream: BinaryIO):
         self._s = stream
         self._drop = getattr(stream, "skip", None)   # skip without copying (the C module's reader)
+        self._view = getattr(stream, "view", None)   # read without copying (ditto), else None
         self._data_left = 0          # stored data bytes of the current member not yet read
         self._pad = 0                # padding after them
         self._gen = 0
@@ -174,9 +183,13 @@ class TarReader:
             raise CorruptInput(f"tar stream ends inside {what}")
         return data
 
-    def _read_data(self, n: int) -> bytes:
+    def _read_data(self, n: int, view: bool = False) -> bytes:
         n = min(n, self._data_left)
-        data = self._read(n)
+        if view and self._view is not None:
+            data = self._view(n)
+            self.offset += len(data)
+        else:
+            data = self._read(n)
         if len(data) != n:
             raise CorruptInput("tar stream ends inside a member's content")
         self._data_left -= n

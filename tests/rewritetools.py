@@ -108,3 +108,22 @@ void saxpy(float *restrict y, const float *restrict x, float a, size_t n) { for 
 double dot(const double *restrict x, const double *restrict y, size_t n) { double s = 0; for (size_t i = 0; i < n; i++) s += x[i] * y[i]; return s; }
 int main(int argc, char **argv) { float x[1024], y[1024]; (void)argv; for (int i = 0; i < 1024; i++) { x[i] = i; y[i] = argc; } saxpy(y, x, 2.0f, 1024); return (int)y[3]; }
 """
+
+
+class ViewReader:
+    """A reader with read_view, as flatten's readers over the C chunk reader: memoryviews of the
+    content (entries.reader_of), bytes from read."""
+
+    def __init__(self, data: bytes):
+        self._m, self._pos = memoryview(data), 0
+
+    def read(self, n=-1):
+        return bytes(self.read_view(n))
+
+    def read_view(self, n=-1):
+        end = len(self._m) if n is None or n < 0 else min(len(self._m), self._pos + n)
+        out, self._pos = self._m[self._pos:end], end
+        return out
+
+    def close(self):
+        pass

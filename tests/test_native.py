@@ -261,19 +261,27 @@ def test_c_match_starts_with_many_first_bytes_misses_none():
 # -- Chunks: the flatten's reader over the decoded chunks ---------------------------------------------
 @FUZZ
 @given(st.lists(st.binary(max_size=40), max_size=8),
-       st.lists(st.tuples(st.booleans(), st.integers(0, 70)), max_size=12))
+       st.lists(st.tuples(st.sampled_from(["read", "skip", "view"]), st.integers(0, 70)), max_size=12))
 def test_c_chunks_reads_what_a_buffered_reader_reads(chunks, ops):
-    """Any chunking (empty chunks too), any mix of read(n)/skip(n): the same bytes, in the same
-    pieces, as io.BufferedReader over compression.ChunkReader (the reader it replaces); skip(n)
-    drops what read(n) would have returned."""
+    """Any chunking (empty chunks too), any mix of read(n)/skip(n)/view(n): the same bytes, in the
+    same pieces, as io.BufferedReader over compression.ChunkReader (the reader it replaces); skip(n)
+    drops what read(n) would have returned; view(n) gives them too, as a read-only memoryview where
+    they lie within one chunk (the chunk's own memory), else as bytes."""
     from hpcconv.compression import ChunkReader
 
     ours = native.Chunks(iter(chunks))
     ref = io.BufferedReader(ChunkReader(iter(chunks)), 16)
-    for is_skip, n in ops:
+    for op, n in ops:
         want = ref.read(n)
-        if is_skip:
+        if op == "skip":
             assert ours.skip(n) == len(want)
+        elif op == "view":
+            got = ours.view(n)
+            assert bytes(got) == want
+            if isinstance(got, memoryview):
+                assert got.readonly and any(got.obj is c for c in chunks)
+            else:
+                assert type(got) is bytes
         else:
             assert ours.read(n) == want
     assert ours.read(1 << 20) == ref.read(1 << 20)
@@ -285,6 +293,18 @@ def test_c_chunks_hands_a_whole_chunk_on_without_copying():
     c = native.Chunks([big, b"tail"])
     assert c.read(len(big)) is big               # no copy of an 8 MiB decoded chunk
     assert c.read(2) == b"ta" and c.read(10) == b"il"
+    # view: a piece of a chunk without a copy; across chunks, bytes
+    c = native.Chunks([big, b"tail"])
+    v = c.view(1000)
+    assert type(v) is memoryview and v.obj is big and v == memoryview(big)[:1000]
+    w = c.view(len(big) - 1000)
+    assert type(w) is memoryview and w.obj is big and bytes(w) == big[1000:]
+    c = native.Chunks([big, b"tail"])
+    assert c.view(len(big)) is big               # the whole chunk: itself
+    c = native.Chunks([big, b"tail"])
+    c.skip(10)
+    x = c.view(len(big))                         # crosses into the next chunk: joined bytes
+    assert type(x) is bytes and x == big[10:] + b"tail"[:10]
 
 
 def test_c_chunks_passes_iterator_errors_and_refuses_non_bytes():

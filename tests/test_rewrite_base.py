@@ -8,9 +8,9 @@ import io
 import tarfile
 
 import pytest
-from rewritetools import CLIBDIR, LIBDIR, real, real_name, stream
+from rewritetools import CLIBDIR, LIBDIR, ViewReader, real, real_name, stream
 
-from hpcconv.entries import FILE, Entry, TarWriter, read_tar_entries
+from hpcconv.entries import FILE, Entry, TarWriter, read_tar_entries, reader_of
 from hpcconv.rewrite.base import Pass, PassRunner, Scanner
 from hpcconv.rewrite.elfinfo import PREFIX_CAP, SEGMENT_CAP, ElfScanner
 
@@ -174,3 +174,40 @@ def test_source_errors_propagate_from_the_drain():
     e = Entry("x", FILE, size=1 << 20, reader=io.BufferedReader(Broken()))
     with pytest.raises(OSError, match="truncated"):
         PassRunner([HashPass()], head_size=16).run([e, Entry("y", FILE)])
+
+
+def test_read_view_through_the_tee_same_bytes_and_findings():
+    """Sources with read_view, read downstream through entries.reader_of (as the SquashFS writer
+    does): scanners fed memoryviews find what they find in bytes (every pass's facts, ELF facts,
+    the glibc banner), and the consumer gets the very bytes."""
+    from hpcconv.rewrite import default_passes
+
+    def run(views: bool):
+        passes = [HashPass()] + default_passes()
+        runner = PassRunner(passes)
+        got, kinds = {}, set()
+
+        def entries():
+            for e in stream(SPEC):
+                if e.type == FILE and e.size and views:
+                    e = e.with_(reader=ViewReader(e.reader.read()))
+                yield e
+        for e in runner.transform(entries()):
+            if e.type == FILE and e.size:
+                read = reader_of(e.reader) if views else e.reader.read
+                parts = []
+                while True:
+                    b = read(1 << 20)
+                    if not len(b):
+                        break
+                    kinds.add(type(b))
+                    parts.append(bytes(b))
+                got[e.path] = hashlib.sha256(b"".join(parts)).hexdigest()
+        return got, passes[0].log, runner.facts(), kinds
+
+    got, log, facts, kinds = run(True)
+    ref_got, ref_log, ref_facts, ref_kinds = run(False)
+    assert memoryview in kinds and ref_kinds == {bytes}
+    assert got == ref_got and log == ref_log and facts == ref_facts
+    assert got[f"{CLIBDIR}/{BIG}"] == sha(f"/{CLIBDIR}/{BIG}")
+    assert facts["glibc"] and facts["elf"]

@@ -150,3 +150,24 @@ def test_segments_do_not_combine_even_out_of_order():
             assert probable_level(scan) == 3
         else:
             assert probable_level(scan) == 1 and scan.vex == 8, (scan.vex, scan.vex_clusters)
+
+
+def test_memoryview_pieces_scan_the_same():
+    """The passes may feed read-only memoryviews of the decoded layer (entries.reader_of): the same
+    findings as bytes pieces, carry-over between pieces included."""
+    rng = random.Random(11)
+    vex3, evex = b"\xc4\xe2\x79", b"\x62\xf1\x7c\x48"
+    for at in (0, 62, 63, 64, 65, 4095):
+        for buf in (bytes(at) + (vex3 + b"\x90\x90") * 8 + bytes(5000),
+                    bytes(at) + (evex + b"\x90" * 12) * 4 + bytes(9000),
+                    bytes(rng.getrandbits(8) for _ in range(20_000))):
+            for piece in (1, 5, 63, 64, 65, 4096):
+                scan = IsaScan()
+                x = X86Scanner(scan)
+                whole = memoryview(buf)
+                for i in range(0, len(buf), piece):
+                    x.feed(4096 + i, whole[i:i + piece])
+                x.close()
+                ref = scanned(buf, piece)
+                assert (probable_level(scan), scan.evex, scan.vex, scan.bytes_scanned) == \
+                    (probable_level(ref), ref.evex, ref.vex, ref.bytes_scanned), (at, piece)

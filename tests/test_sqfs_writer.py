@@ -319,6 +319,32 @@ def test_the_sink_uses_it_and_the_external_tools_on_request(tmp_path, monkeypatc
         sinks.write_squashfs(entries_of(items), tmp_path / "x.sqfs", compression="zstd")
 
 
+def test_blocks_read_as_memoryviews_give_the_same_image(tmp_path):
+    """Readers with read_view (the flatten's, over the decoded layer: no copy) hand the writer
+    memoryviews: hashed, compressed, kept raw when incompressible, found all-zero, packed into
+    fragments. The image is byte for byte the one written from bytes (which the other tests read
+    back with sqfs2tar, unsquashfs and the kernel)."""
+    from rewritetools import ViewReader
+
+    viewed = []
+
+    class Counting(ViewReader):
+        def read_view(self, n=-1):
+            viewed.append(n)
+            return super().read_view(n)
+
+    items = rich_stream()
+    write_native(items, tmp_path / "bytes.sqfs", block_size=BS, compression="zstd", level=3)
+    fd = os.open(tmp_path / "views.sqfs", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        sqfs.write((e.with_(reader=Counting(data)) if e.type == FILE else e for e, data in items), fd, 0,
+                   block_size=BS, compression="zstd", level=3)
+    finally:
+        os.close(fd)
+    assert viewed                                # the writer asked for views
+    assert (tmp_path / "views.sqfs").read_bytes() == (tmp_path / "bytes.sqfs").read_bytes()
+
+
 def test_the_image_does_not_depend_on_thread_timing(tmp_path, monkeypatch):
     """Compression jobs finishing in any order, on any number of threads, give the same bytes."""
     items = rich_stream(7)

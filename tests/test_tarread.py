@@ -273,3 +273,38 @@ def test_gnu_tar_posix_time_records(native, tmp_path, monkeypatch):
     got = ours(data)
     assert got == ref(data)
     assert {g[3] for g in got} == {4321} and next(g[5] for g in got if g[0] == "./f") == 1_600_000_000.987654321
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_read_view_over_c_chunks_same_as_tarfile(fmt):
+    """Content read with read_view over the C module's chunk reader (memoryviews into the decoded
+    chunks where a read lies within one): the bytes tarfile gives, and after every member the same
+    stream offset as plain reads (provenance is computed from it)."""
+    native = pytest.importorskip("hpcconv._native")
+    data = build(fmt)
+    pieces = [data[i:i + 700] for i in range(0, len(data), 700)]       # reads cross chunk edges
+
+    def run(view: bool):
+        tr = TarReader(native.Chunks(iter(pieces)))
+        out, offsets, kinds = [], [], set()
+        for m in tr:
+            body = b""
+            if m.type in (b"0", b"\0", b"7"):
+                c = tr.content(m)
+                parts = []
+                while True:
+                    b = c.read_view(300) if view else c.read(300)
+                    if not len(b):
+                        break
+                    kinds.add(type(b))
+                    parts.append(bytes(b))
+                body = b"".join(parts)
+            out.append((m.name, hashlib.sha256(body).hexdigest()))
+            offsets.append(tr.offset)
+        return out, offsets, kinds
+
+    got, offsets, kinds = run(True)
+    assert got == [(r[0], r[11]) for r in ref(data)]
+    assert offsets == run(False)[1]
+    assert memoryview in kinds                   # the no-copy path was taken
+    assert run(False)[2] == {bytes}

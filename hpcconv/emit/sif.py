@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..entries import FILE, HARDLINK, SYMLINK, Entry, provenance_of
+from ..entries import FILE, HARDLINK, SYMLINK, Entry, provenance_of, reader_of
 from ..errors import CorruptInput, UsageError
 from ..progress import NULL, Reporter
 from . import sinks
@@ -244,9 +244,15 @@ class _Peek:
         self.head = b""
 
     def read(self, n: int = -1) -> bytes:
-        data = self._r.read(n)
+        return self._seen(self._r.read(n))
+
+    def read_view(self, n: int = -1):
+        """As read, maybe a memoryview (entries.reader_of): the wrapped reader's."""
+        return self._seen(reader_of(self._r)(n))
+
+    def _seen(self, data):
         if len(self.head) < self._n and data:
-            self.head += data[: self._n - len(self.head)]
+            self.head += bytes(data[: self._n - len(self.head)])
         return data
 
     def readinto(self, b) -> int:

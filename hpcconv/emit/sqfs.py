@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..cachefiles import read_trusted, write_atomic
-from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, provenance_of, raw, read_full
+from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, provenance_of, raw, read_full, reader_of
 from ..errors import CorruptInput, UsageError
 from ..speedups import native
 
@@ -353,7 +353,7 @@ class SquashWriter:
         if size == 0:
             node.blocks = []
             return
-        read = e.reader.read
+        read = reader_of(e.reader)          # blocks may be memoryviews of the decoded layer: no copy
         bs = self.block_size
         origin = self._origin(e)
         if size < bs:
@@ -401,7 +401,7 @@ class SquashWriter:
         of the uncompressed bytes (a fragment's: of its parts' sha256s); given, when an earlier
         image recorded it for the block's span (never for an all-zero block, see _end_run)."""
         if key is None:
-            if len(data) == self.block_size and data == self.zero:
+            if len(data) == self.block_size and self.zero.startswith(data):     # (memoryview == is slow)
                 return 0, b"", _ZERO_KEY, None, False
             key = hashlib.sha256(data).digest()
         if self.reuse is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import BinaryIO, Iterable, Iterator
 
-from ..entries import DIR, FILE, HARDLINK, Entry, provenance_of, read_full
+from ..entries import DIR, FILE, HARDLINK, Entry, provenance_of, read_full, reader_of
 from ..harness.checks import Checks
 
 HEAD_SIZE = 64 * 1024
@@ -35,7 +35,9 @@ _DRAIN_CHUNK = 1 << 20
 
 
 class Scanner:
-    """Receives a file's bytes in order, once: ``feed(offset, data)`` ..., then ``close(complete)``."""
+    """Receives a file's bytes in order, once: ``feed(offset, data)`` ..., then ``close(complete)``.
+    ``data`` is bytes or a read-only memoryview of bytes (entries.reader_of): a scanner may keep it,
+    slice it or add it to bytes, not call bytes methods on it."""
 
     def feed(self, offset: int, data: bytes) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -105,8 +107,8 @@ class _TeeReader:
             return None
         return got[0], got[1] - self._fed + self._pos
 
-    def _pull(self, n: int) -> bytes:
-        data = self._r.read(n)
+    def _pull(self, n: int, read=None) -> bytes:
+        data = (read or self._r.read)(n)
         if data and self._scanners:
             for s in self._scanners:
                 s.feed(self._fed, data)
@@ -116,6 +118,13 @@ class _TeeReader:
     def read(self, n: int = -1) -> bytes:
         """Full reads (tarfile treats short reads as EOF); past the head, the source's bytes are
         handed on as they are (RawIOBase.read would copy them twice)."""
+        return self._take(n, None)
+
+    def read_view(self, n: int = -1):
+        """As read, maybe a memoryview (entries.reader_of): the source's, scanners fed with it."""
+        return self._take(n, reader_of(self._r))
+
+    def _take(self, n: int, read):
         left = self._size - self._pos
         want = left if n is None or n < 0 else min(n, left)
         if want <= 0:
@@ -126,7 +135,7 @@ class _TeeReader:
             parts.append(self._head[self._pos:self._pos + want])
             got = len(parts[0])
         while got < want and self._fed < self._size:
-            chunk = self._pull(min(want - got, self._size - self._fed))
+            chunk = self._pull(min(want - got, self._size - self._fed), read)
             if not chunk:
                 break
             parts.append(chunk)

@@ -187,7 +187,7 @@ class X86Scanner:
                 _scan(kinds, tail + data[:_OVERLAP], self._tail_off, len(tail))
             if n > _OVERLAP:               # the piece itself, not copied
                 _scan(kinds, data, offset, n - _OVERLAP)
-            self._tail = data[n - _OVERLAP:]
+            self._tail = bytes(data[n - _OVERLAP:])     # (data may be a memoryview: see Scanner)
             self._tail_off = offset + n - _OVERLAP
             return
         buf = tail + data                  # a piece shorter than the carry

@@ -485,18 +485,27 @@ size_arg(PyObject *arg)
     return n < 0 ? -1 : n;
 }
 
-static PyObject *
-chunks_read(ChunksObject *self, PyObject *arg)
+/* The size argument and the bytes left in the current chunk (0 at the end): 0, or -1 with an
+   exception. */
+static int
+chunks_start(ChunksObject *self, PyObject *arg, Py_ssize_t *n, Py_ssize_t *avail)
 {
-    Py_ssize_t n = size_arg(arg);
-    if (n < 0)
-        return NULL;
+    *n = size_arg(arg);
+    if (*n < 0)
+        return -1;
     int r = chunks_fill(self);
     if (r < 0)
-        return NULL;
-    if (r == 0 || n == 0)
+        return -1;
+    *avail = r == 0 ? 0 : PyBytes_GET_SIZE(self->chunk) - self->pos;
+    return 0;
+}
+
+/* read(n) once chunks_start has run: bytes, the chunk itself when it is handed on whole. */
+static PyObject *
+chunks_bytes(ChunksObject *self, Py_ssize_t n, Py_ssize_t avail)
+{
+    if (avail == 0 || n == 0)
         return PyBytes_FromStringAndSize(NULL, 0);
-    Py_ssize_t avail = PyBytes_GET_SIZE(self->chunk) - self->pos;
     if (n <= avail) {
         PyObject *out;
         if (self->pos == 0 && n == avail) {
@@ -524,20 +533,25 @@ chunks_read(ChunksObject *self, PyObject *arg)
     return out;
 }
 
+static PyObject *
+chunks_read(ChunksObject *self, PyObject *arg)
+{
+    Py_ssize_t n, avail;
+    if (chunks_start(self, arg, &n, &avail) < 0)
+        return NULL;
+    return chunks_bytes(self, n, avail);
+}
+
 /* As read, but n bytes within the current chunk come as a read-only memoryview of them (no copy;
    the chunk, immutable bytes, stays alive as long as the view). Across chunks: bytes, as read. */
 static PyObject *
 chunks_view(ChunksObject *self, PyObject *arg)
 {
-    Py_ssize_t n = size_arg(arg);
-    if (n < 0)
+    Py_ssize_t n, avail;
+    if (chunks_start(self, arg, &n, &avail) < 0)
         return NULL;
-    int r = chunks_fill(self);
-    if (r < 0)
-        return NULL;
-    Py_ssize_t avail = r == 0 ? 0 : PyBytes_GET_SIZE(self->chunk) - self->pos;
     if (n == 0 || n > avail || (self->pos == 0 && n == avail))
-        return chunks_read(self, arg);
+        return chunks_bytes(self, n, avail);
     PyObject *whole = PyMemoryView_FromObject(self->chunk);
     if (whole == NULL)
         return NULL;

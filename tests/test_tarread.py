@@ -75,6 +75,20 @@ def ref(data: bytes):
     return out
 
 
+def content(c, read, n: int, kinds: set | None = None) -> bytes:
+    """A member's content, read n bytes at a time with `read` (c.read or c.read_view); the types
+    the reads returned go into `kinds`."""
+    parts = []
+    while True:
+        b = read(n)
+        if not len(b):
+            break
+        if kinds is not None:
+            kinds.add(type(b))
+        parts.append(bytes(b))
+    return b"".join(parts)
+
+
 def ours(data: bytes, read_every=True):
     out = []
     tr = TarReader(io.BufferedReader(io.BytesIO(data)))
@@ -82,13 +96,7 @@ def ours(data: bytes, read_every=True):
         body = b""
         if m.type in (b"0", b"\0", b"7"):
             c = tr.content(m)
-            chunks = []
-            while True:
-                b = c.read(1000)
-                if not b:
-                    break
-                chunks.append(b)
-            body = b"".join(chunks)
+            body = content(c, c.read, 1000)
             assert len(body) == m.size
         out.append((m.name, m.type, m.mode, m.uid, m.gid, m.mtime, m.size, m.linkname, m.devmajor,
                     m.devminor, {k: v for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")},
@@ -291,14 +299,7 @@ def test_read_view_over_c_chunks_same_as_tarfile(fmt):
             body = b""
             if m.type in (b"0", b"\0", b"7"):
                 c = tr.content(m)
-                parts = []
-                while True:
-                    b = c.read_view(300) if view else c.read(300)
-                    if not len(b):
-                        break
-                    kinds.add(type(b))
-                    parts.append(bytes(b))
-                body = b"".join(parts)
+                body = content(c, c.read_view if view else c.read, 300, kinds)
             out.append((m.name, hashlib.sha256(body).hexdigest()))
             offsets.append(tr.offset)
         return out, offsets, kinds

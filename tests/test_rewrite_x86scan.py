@@ -171,3 +171,23 @@ def test_memoryview_pieces_scan_the_same():
                 ref = scanned(buf, piece)
                 assert (probable_level(scan), scan.evex, scan.vex, scan.bytes_scanned) == \
                     (probable_level(ref), ref.evex, ref.vex, ref.bytes_scanned), (at, piece)
+
+
+def test_deferred_scanner_counts_the_chunks_its_views_keep_alive(monkeypatch):
+    """A memoryview piece keeps its whole decoded chunk alive while it waits for the worker: it
+    counts as the chunk (once for consecutive pieces of one chunk), so PENDING_CAP bounds memory."""
+    handed = []
+    submit = x86scan._submit
+    monkeypatch.setattr(x86scan, "_submit", lambda n, fn, *a: (handed.append(n), submit(n, fn, *a))[1])
+    a, b = bytes(5 << 20), bytes(5 << 20)
+    scan = IsaScan()
+    d = x86scan.DeferredScanner(scan)
+    d.feed(4096, memoryview(a)[:100])
+    d.feed(4196, memoryview(a)[100:300])         # the same chunk: nothing more held
+    assert handed == []
+    d.feed(4396, memoryview(b)[:100])            # a second chunk: 10 MiB held, past PIECES_CAP
+    assert handed == [10 << 20]
+    d.feed(4496, b"\x90" * 100)                  # bytes count as themselves
+    d.close()
+    assert handed == [10 << 20, 100]
+    assert probable_level(scan) == 1 and scan.bytes_scanned == 500

@@ -212,17 +212,25 @@ class DeferredScanner:
     real scanner in order (one thread: jobs run in the order given) and fills the IsaScan, which
     `IsaScan.wait()` (called by `probable_level`) waits for. The scan is C without the GIL, so the
     thread that reads the layers, the busiest one, no longer spends its time on it. Pieces waiting
-    for the worker are capped at PENDING_CAP bytes in all: past that, the oldest jobs are waited for."""
+    for the worker are capped at PENDING_CAP bytes in all: past that, the oldest jobs are waited for.
+    A piece that is a memoryview (entries.reader_of) keeps its whole decoded chunk alive: it counts
+    as that chunk (once for consecutive pieces of one chunk), so the cap bounds the memory held."""
 
     def __init__(self, scan):
         self.scan = scan
         self._real = X86Scanner(scan)          # used on the worker thread only
         self._pieces: list[tuple[int, bytes]] = []
         self._bytes = 0
+        self._chunk = None                     # the chunk the last piece viewed (counted already)
 
     def feed(self, offset: int, data: bytes) -> None:
         self._pieces.append((offset, data))
-        self._bytes += len(data)
+        if type(data) is memoryview:
+            if data.obj is not self._chunk:
+                self._chunk = data.obj
+                self._bytes += len(data.obj)
+        else:
+            self._bytes += len(data)
         if self._bytes >= PIECES_CAP:
             self._hand_over(False)
 
@@ -231,7 +239,7 @@ class DeferredScanner:
 
     def _hand_over(self, last: bool) -> None:
         pieces, n = self._pieces, self._bytes
-        self._pieces, self._bytes = [], 0
+        self._pieces, self._bytes, self._chunk = [], 0, None
         self.scan.pending = _submit(n, _run_scan, self._real, pieces, last)
 
 

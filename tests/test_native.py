@@ -12,6 +12,7 @@ CI builds the module (setup.py); under HPCCONV_REQUIRE_ALL=1 a missing build is 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -359,6 +360,32 @@ def test_flatten_reads_layers_the_same_through_c_chunks(monkeypatch):
     cut = [layers[0], layers[1][:len(layers[1]) // 2]]
     a = run(native.Chunks, cut)
     assert isinstance(a, str) and "layer 2/2" in a and a == run(None, cut)
+
+    # the single pass's readers with read_view (what the SquashFS writer reads through): the same
+    # content as read() gives, and the same one-line error naming the layer and entry when cut short
+    from hpcconv.entries import FILE, reader_of
+
+    def contents(tars, view: bool):
+        monkeypatch.setattr(flatten, "_Chunks", native.Chunks)
+        out, kinds = {}, set()
+        try:
+            for e in flatten.Flattener(image_from_built(build_image(tars)), single_pass=True).entries():
+                if e.type == FILE:
+                    read = reader_of(e.reader) if view else e.reader.read
+                    parts = []
+                    while len(b := read(3000)):
+                        kinds.add(type(b))
+                        parts.append(bytes(b))
+                    out[e.path] = hashlib.sha256(b"".join(parts)).hexdigest()
+        except CorruptInput as e:
+            return e.message, kinds
+        return out, kinds
+
+    (viewed, kinds), (plain, _) = contents(layers, True), contents(layers, False)
+    assert viewed == plain and len(viewed) == 40 and memoryview in kinds     # 25 of 65 replaced above
+    err = contents(cut, True)[0]
+    assert isinstance(err, str) and err == contents(cut, False)[0]
+    assert err.startswith("layer 2/2") and " entry 'd" in err and "ends inside" in err
 
 
 # -- sqfs_tables: the SquashFS writer's inode and directory tables ------------------------------------

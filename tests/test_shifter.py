@@ -5,11 +5,13 @@ like `docker run` of the source image; with `shifter` installed it is also run b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -79,10 +81,32 @@ def shifter_image(docker_engine, docker_busybox, tmp_path_factory):
     return tag, out, json.loads(r.stdout), env
 
 
+def expected_id(squashfs: Path, meta: bytes, piece: int = 64 << 20) -> str:
+    """The id as documented: hpcconv- + sha256(sha256 of each `piece` bytes of the squashfs, in
+    order, + NUL + the meta text), computed here in one thread."""
+    data = squashfs.read_bytes()
+    digests = b"".join(hashlib.sha256(data[i:i + piece]).digest() for i in range(0, len(data), piece))
+    return "hpcconv-" + hashlib.sha256(digests + b"\0" + meta).hexdigest()
+
+
+def test_id_of_many_pieces(tmp_path, monkeypatch):
+    """Pieces hashed in parallel, combined in file order; the meta text counts too."""
+    from hpcconv.emit import shifter
+
+    f = tmp_path / "x.squashfs"
+    f.write_bytes(os.urandom(10 * 4096 + 123))
+    monkeypatch.setattr(shifter, "ID_PIECE", 4096)
+    got = shifter.make_id(f, b"FORMAT: squashfs\n")
+    assert got == expected_id(f, b"FORMAT: squashfs\n", 4096)
+    assert got != expected_id(f, b"FORMAT: squashfs\nCMD: ['x']\n", 4096)
+    assert got != "hpcconv-" + hashlib.sha256(f.read_bytes() + b"\0FORMAT: squashfs\n").hexdigest()
+
+
 def test_files_and_id(shifter_image):
     _, out, res, _ = shifter_image
     sid = res["shifter_id"]
     assert ID_CHARS.match(sid) and not re.fullmatch(r"[0-9a-f]{64}", sid)    # never a gateway-style id
+    assert sid == expected_id(out / f"{sid}.squashfs", (out / f"{sid}.meta").read_bytes())
     assert sorted(p.name for p in out.iterdir()) == [f"{sid}.meta", f"{sid}.squashfs"]
     assert (out / f"{sid}.squashfs").read_bytes()[:4] == b"hsqs"
     assert f"shifter --image=id:{sid}" in res["note"] and "imagePath" in res["note"]

@@ -10,9 +10,11 @@ Format and runtime rules: docs/reference/shifter-sarus-enroot.md A2, A4, A5.
   `WORKDIR:` when set, one `ENV: K=V` line per config Env element (an element holding a newline
   is left out; a value that ends in `\\` or in blanks would be altered by the parser: reported).
   No `USER:`/`LABELS:` or other keys (the runtime warns on every run about keys it does not know).
-* `<ID>`: `hpcconv-` + the sha256 of the squashfs and the meta text. Gateway ids are bare 64-hex
-  digests (manifest digest, fasthash, layer id), so ours can never collide with them, and the same
-  content always gets the same id. The runtime accepts `[A-Za-z0-9_:.+@-]` in ids.
+* `<ID>`: `hpcconv-` + the sha256 of the sha256s of the squashfs's 64 MiB pieces (in order), a NUL
+  and the meta text (`image_id`: the pieces are hashed on every core, the last serial step of a
+  conversion: 0.28 s for the benchmark's 362 MB on one). Gateway ids are bare 64-hex digests
+  (manifest digest, fasthash, layer id), so ours can never collide with them, and the same content
+  always gets the same id. The runtime accepts `[A-Za-z0-9_:.+@-]` in ids.
 * The squashfs, built from the entry stream like every other sink (`sinks.write_squashfs`), is made
   as the image gateway makes it: owners root (`-all-root`), no xattrs (`-no-xattrs`), nothing under
   `/dev`, no device nodes, and `a+rX` (the runtime runs everything as the calling user; secrets such
@@ -46,6 +48,7 @@ STAGE = "emit"
 MOUNT_DIRS = ["etc", "var", "opt", "tmp", "proc", "sys", "dev", "home"]
 ETC_BIG = 5 << 20
 ID_PREFIX = "hpcconv-"
+ID_PIECE = 64 << 20
 DOCKER_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -193,6 +196,33 @@ def _reclaim_stale(out: Path) -> None:
             pass
 
 
+def make_id(squashfs: Path, meta: bytes) -> str:
+    """The image id (see the module docstring): the pieces hashed in parallel (pread and sha256
+    release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = os.path.getsize(squashfs)
+    fd = os.open(squashfs, os.O_RDONLY | os.O_CLOEXEC)
+
+    def piece(start: int) -> bytes:
+        h = hashlib.sha256()
+        pos, end = start, min(start + ID_PIECE, size)
+        while pos < end:
+            data = os.pread(fd, min(1 << 20, end - pos), pos)
+            if not data:
+                raise sinks.OutputError(f"{squashfs} shrank while its id was computed")
+            h.update(data)
+            pos += len(data)
+        return h.digest()
+
+    try:
+        with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as ex:
+            digests = list(ex.map(piece, range(0, size, ID_PIECE)))
+    finally:
+        os.close(fd)
+    return ID_PREFIX + hashlib.sha256(b"".join(digests) + b"\0" + meta).hexdigest()
+
+
 def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str | None = None,
          compression: str = "gzip", reporter: Reporter = NULL, force: bool = False, level: int | None = None,
          block_size: int = sinks.BLOCK_SIZE) -> ShifterResult:
@@ -218,12 +248,7 @@ def emit(entries: Iterable[Entry], image: Image, out: Path | str, fmt: str | Non
             stats: dict = {}
             n = sinks.write_squashfs(fix.transform(entries), tmp, compression=compression, reporter=reporter,
                                      level=level, block_size=block_size, record_later=record, stats=stats)
-            h = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            h.update(b"\0" + meta)
-            image_id = ID_PREFIX + h.hexdigest()
+            image_id = make_id(tmp, meta)
             sq, mt = out / f"{image_id}.squashfs", out / f"{image_id}.meta"
             for p in (sq, mt):
                 if os.path.lexists(p) and not force and not p.is_file():

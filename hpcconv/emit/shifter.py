@@ -11,7 +11,7 @@ Format and runtime rules: docs/reference/shifter-sarus-enroot.md A2, A4, A5.
   is left out; a value that ends in `\\` or in blanks would be altered by the parser: reported).
   No `USER:`/`LABELS:` or other keys (the runtime warns on every run about keys it does not know).
 * `<ID>`: `hpcconv-` + the sha256 of the sha256s of the squashfs's 64 MiB pieces (in order), a NUL
-  and the meta text (`image_id`: the pieces are hashed on every core, the last serial step of a
+  and the meta text (`make_id`: the pieces are hashed on every core, the last serial step of a
   conversion: 0.28 s for the benchmark's 362 MB on one). Gateway ids are bare 64-hex digests
   (manifest digest, fasthash, layer id), so ours can never collide with them, and the same content
   always gets the same id. The runtime accepts `[A-Za-z0-9_:.+@-]` in ids.

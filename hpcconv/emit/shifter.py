@@ -216,7 +216,7 @@ def make_id(squashfs: Path, meta: bytes) -> str:
         return h.digest()
 
     try:
-        with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as ex:
+        with ThreadPoolExecutor(min(sinks.cores(), 8)) as ex:
             digests = list(ex.map(piece, range(0, size, ID_PIECE)))
     finally:
         os.close(fd)

@@ -359,7 +359,7 @@ def mksquashfs_command(out: Path, offset: int, compression: str, level: int | No
                                 hint="apt-get install squashfs-tools")
     if compression not in ("gzip", "zstd", "xz", "lz4", "lzo"):
         raise UsageError(f"unknown squashfs compression {compression!r}", hint="use gzip or zstd")
-    jobs = str(max(1, len(os.sched_getaffinity(0))))
+    jobs = str(sinks.cores())
     cmd = [exe, "-", str(out), "-tar", "-o", str(offset), "-noappend", "-no-progress", "-quiet",
            "-comp", compression, "-b", str(block_size), "-processors", jobs, "-root-mode", "0755",
            # mksquashfs sizes its caches to a quarter of RAM (6 GB here, 1.2 GB resident on a 1.2 GB

@@ -328,10 +328,16 @@ def _mksquashfs_has_tar(exe: str) -> bool:
     return "-tar" in (r.stdout + r.stderr)
 
 
+def cores() -> int:
+    """The CPUs this process may run on (its affinity mask: a batch job's cpuset, not the node's
+    count), at least 1: the builders' and hashers' thread counts."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 def squashfs_command(out: Path, compression: str, level: int | None, block_size: int) -> list[str]:
     if compression not in ("gzip", "zstd", "xz", "lz4", "lzo"):
         raise UsageError(f"unknown squashfs compression {compression!r}", hint="use gzip or zstd")
-    jobs = str(max(1, len(os.sched_getaffinity(0))))
+    jobs = str(cores())
     if level is None:
         level = SQFS_LEVELS.get(compression)
     exe = _which("tar2sqfs")

@@ -61,6 +61,7 @@ from ..cachefiles import read_trusted, write_atomic
 from ..entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry, provenance_of, raw, read_full, reader_of
 from ..errors import CorruptInput, UsageError
 from ..speedups import native
+from .sinks import cores
 
 SUPERBLOCK = struct.Struct("<IIIIIHHHHHHQQQQQQQQ")
 assert SUPERBLOCK.size == 96
@@ -235,7 +236,7 @@ class SquashWriter:
         opts = struct.pack("<IHH", level, 15, 0) if compression == "gzip" else struct.pack("<I", level)
         self.options = struct.pack("<H", len(opts) | RAW_META) + opts
         self.block_size = block_size
-        self.jobs = jobs or max(1, len(os.sched_getaffinity(0)))
+        self.jobs = jobs or cores()
         self.pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="sqfs")
         self.window = 2 * self.jobs + 2           # jobs in flight (memory: up to GROUP blocks each)
         self.pending: deque = deque()

@@ -224,6 +224,20 @@ def in_registry(repo: str, tag: str) -> bool:
         return False
 
 
+def ensure_busybox() -> None:
+    """The small case's image: the test suite's busybox base (Debian's busybox-static in one layer),
+    which the suite loads into its engine; on a machine where the suite has not run yet, make it
+    here with the suite's own helpers."""
+    if sh(["docker", "image", "inspect", BUSYBOX], check=False, capture_output=True).returncode == 0:
+        return
+    if BUSYBOX != "hpcconv-test/busybox:amd64":
+        raise RuntimeError(f"{BUSYBOX} (BENCH_BUSYBOX) is not in the Docker engine")
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from dockertools import busybox_image, docker_save_archive
+    img = busybox_image("amd64", Path("/var/tmp/hpcconv-test/debs"))
+    sh(["docker", "load"], input=docker_save_archive(img, BUSYBOX), stdout=subprocess.DEVNULL)
+
+
 def push(local: str, repo: str, tag: str) -> None:
     if in_registry(repo, tag):
         return
@@ -395,6 +409,7 @@ def main() -> int:
             start_engine()
             sh(["bash", str(HERE / "build-image.sh")], env={"BENCH_DIR": str(BENCH_DIR)})
             push(IMAGE, "hpcapp", "1")
+            ensure_busybox()
             push(BUSYBOX, "busybox", "1")
         big, small = image_facts("hpcapp", "1"), image_facts("busybox", "1")
         log(f"hpcapp: {big['layers']} layers, {big['compressed'] / 1e6:.0f} MB compressed")

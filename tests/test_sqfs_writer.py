@@ -456,6 +456,39 @@ def test_reuse_never_takes_damaged_or_foreign_blocks(tmp_path):
     assert sqfs.BlockReuse(where, sqfs.settings_name("zstd", 4, BS)).images == 0
 
 
+def test_without_blake3_the_keys_are_sha256_in_indexes_of_their_own(tmp_path, monkeypatch):
+    """Content keys are BLAKE3 where the package is installed, else sha256: either way the image
+    reads back as written (sqfs2tar), duplicates are found, blocks are reused, and an index written
+    with one key hash is never read with the other (its keys would never match)."""
+    import blake3
+
+    where = tmp_path / "reuse"
+    items = rich_stream(12)
+    dup = random.Random(12).randbytes(3 * BS + 17)
+    items += [(_f("d/one", dup), dup), (_f("d/two", dup), dup)]
+    assert sqfs.KEY_HASH == "blake3" and sqfs.key_of(b"x") == blake3.blake3(b"x").digest()
+    with_blake3 = sqfs.settings_name("zstd", 3, BS)
+    first = tmp_path / "b3.sqfs"
+    _write_reusing(items, first, where)
+    monkeypatch.setattr(sqfs, "_blake3", None)
+    monkeypatch.setattr(sqfs, "KEY_HASH", "sha256")
+    assert sqfs.key_of(b"x") == hashlib.sha256(b"x").digest()
+    with_sha = sqfs.settings_name("zstd", 3, BS)
+    assert with_sha != with_blake3
+    plain, again = tmp_path / "sha.sqfs", tmp_path / "sha-again.sqfs"
+    w = _write_reusing(items, plain, where)
+    assert w.blocks_reused == 0                  # the blake3 image's index is not in this directory
+    assert normalize_links(tree_of_tar(sqfs2tar(plain))) == normalize_links(expected_tree(items))
+    w = _write_reusing(items, again, where)
+    assert again.read_bytes() == plain.read_bytes() and w.blocks_reused > 0.8 * w.blocks_written
+    # the copy of the 3-block random file costs no data in either (a copy would add 3 blocks)
+    without = tmp_path / "without.sqfs"
+    write_native([(e, d) for e, d in items if e.path != "d/two"], without, compression="zstd", level=3,
+                 block_size=BS)
+    for img in (first, plain):
+        assert img.stat().st_size < without.stat().st_size + BS
+
+
 @pytest.mark.parametrize("alike", [False, True], ids=["sizes-vary", "sizes-alike"])
 def test_reuse_survives_a_change_among_small_files(tmp_path, alike):
     """Small files changed and added near the start of the stream (a rebuilt top layer comes

@@ -83,7 +83,7 @@ from .entries import (BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, XATTR_PRE
                       entry_type_of)
 from .errors import CorruptInput, HpcconvError, UnsafeInput
 from .harness.checks import FAIL, PASS, WARN, Checks
-from .image import Image, Layer, VerifyingReader, hasher_for
+from .image import Image, Layer, OffloadedHash, VerifyingReader, hasher_for
 from .progress import NULL
 from .speedups import native
 from .tarread import Member, TarReader
@@ -448,7 +448,9 @@ class Flattener:
         layer: Layer = self.image.layers[i]
         raw = layer.open()
         if verify and not isinstance(raw, VerifyingReader):
-            raw = VerifyingReader(raw, layer.digest, layer.descriptor.size, what=f"layer {layer.digest}")
+            # the digest on the background hash thread: this stream is read by a layer's decoder
+            raw = VerifyingReader(raw, layer.digest, layer.descriptor.size, what=f"layer {layer.digest}",
+                                  offload=True)
         return raw
 
     def _diff_ids(self) -> list[str]:
@@ -576,7 +578,7 @@ class Flattener:
             cap = self.max_expanded
             # the stream-level backstop sits a little above the cap: the prefetch thread runs ahead
             # of the headers, and the per-entry check below should speak first (it can name the entry)
-            cnt = _Count(hasher_for(diff_id) if diff_id and not recorded else None,
+            cnt = _Count(OffloadedHash(hasher_for(diff_id)) if diff_id and not recorded else None,
                          None if cap is None else cap + _BOMB_SLACK, self.stats["expanded_bytes"], what)
             # The thread decodes to the very end (compressed remainder included), so the blob digest
             # and the diff_id cover every byte even though the tar ends earlier.

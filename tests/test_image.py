@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hpcconv.errors import CorruptInput, SourceError, UsageError
-from hpcconv.image import (Descriptor, Index, Manifest, Platform, VerifyingReader, check_digest,
+from hpcconv.image import (Descriptor, Index, Manifest, OffloadedHash, Platform, VerifyingReader, check_digest,
                            manifest_kind)
 
 HEX = "a" * 64
@@ -108,20 +108,59 @@ def test_descriptor_rejects_negative_size():
         Descriptor.from_json({"digest": "sha256:" + HEX, "size": -1})
 
 
-def test_verifying_reader_checks_digest_and_size():
+@pytest.mark.parametrize("offload", [False, True], ids=["inline", "offloaded"])
+def test_verifying_reader_checks_digest_and_size(offload):
     data = b"hello" * 1000
     good = "sha256:" + hashlib.sha256(data).hexdigest()
-    r = VerifyingReader(io.BytesIO(data), good, len(data))
+    r = VerifyingReader(io.BytesIO(data), good, len(data), offload=offload)
     while r.read(333):
         pass
     assert r.verified
     with pytest.raises(CorruptInput, match="does not match"):
-        r = VerifyingReader(io.BytesIO(data[:-1] + b"X"), good, len(data))
+        r = VerifyingReader(io.BytesIO(data[:-1] + b"X"), good, len(data), offload=offload)
         while r.read(4096):
             pass
     with pytest.raises(CorruptInput, match="truncated"):
-        r = VerifyingReader(io.BytesIO(data[:-1]), good, len(data))
+        r = VerifyingReader(io.BytesIO(data[:-1]), good, len(data), offload=offload)
         while r.read(4096):
             pass
     with pytest.raises(CorruptInput, match="larger"):
-        VerifyingReader(io.BytesIO(data + b"x"), good, len(data)).read()
+        VerifyingReader(io.BytesIO(data + b"x"), good, len(data), offload=offload).read()
+
+
+def test_offloaded_hashes_keep_each_ones_order_across_threads():
+    """Several hashers fed from several threads share the one hash thread: each digest is that of
+    its own pieces in its own order (the oracle: hashlib over the joined pieces); a piece that is a
+    reused buffer is taken as it was when handed over; an error in an update comes out of the
+    digest call."""
+    import random
+    import threading
+
+    rnd = random.Random(5)
+    jobs = [[rnd.randbytes(rnd.randrange(1, 300_000)) for _ in range(40)] for _ in range(6)]
+    got = [None] * len(jobs)
+
+    def feed(i):
+        h = OffloadedHash(hashlib.sha256())
+        buf = bytearray()
+        for piece in jobs[i]:
+            buf[:] = piece
+            h.update(memoryview(buf))          # the same buffer, rewritten after every update
+        got[i] = h.hexdigest()
+    threads = [threading.Thread(target=feed, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [hashlib.sha256(b"".join(j)).hexdigest() for j in jobs]
+
+    class Broken:
+        def update(self, data):
+            raise MemoryError("no room")
+    h = OffloadedHash(Broken())
+    h.update(b"x")
+    with pytest.raises(MemoryError):
+        h.hexdigest()
+    ok = OffloadedHash(hashlib.sha256())               # the thread goes on for the others
+    ok.update(b"abc")
+    assert ok.hexdigest() == hashlib.sha256(b"abc").hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import ssl
 import time
 
 import pytest
@@ -75,3 +76,51 @@ def test_token_realm_checks():
         c._check_realm("http://127.0.0.1:5001/token")            # --insecure: plain HTTP on that host only
         with pytest.raises(AuthError):
             c._check_realm("http://auth.example.org/token")
+
+
+def test_insecure_skips_certificate_checks_for_that_host_only(test_certs, monkeypatch):
+    """--insecure for a registry: its TLS connections are not checked (and load no CA store), while
+    a server on another host is still checked, before and after, on the same session; real TLS
+    servers on loopback with a certificate from a CA the client does not trust."""
+    import http.server
+    import threading
+
+    from hpcconv.errors import NetworkError
+    from hpcconv.reference import parse
+    from hpcconv.registry.client import RegistryClient
+    from registryfix import server_context
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *a):
+            pass
+    servers = []
+    for ip in ("127.0.0.1", "127.0.0.2"):
+        srv = http.server.ThreadingHTTPServer((ip, 0), Ok)
+        srv.socket = server_context(test_certs).wrap_socket(srv.socket, server_side=True)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    try:
+        own, other = (f"{ip}:{s.server_address[1]}" for ip, s in zip(("127.0.0.1", "127.0.0.2"), servers))
+        with RegistryClient(parse(f"{own}/a/b"), insecure=True) as c:
+            loads = []
+            real = ssl.SSLContext.load_default_certs
+            monkeypatch.setattr(ssl.SSLContext, "load_default_certs", lambda self, *a: loads.append(1) or real(self, *a))
+            for url in (f"https://{own}/v2/", f"https://{other}/v2/", f"https://{own}/v2/"):
+                if url.startswith(f"https://{own}/"):
+                    assert c._send("GET", url, {}).status_code == 200
+                else:
+                    with pytest.raises(NetworkError, match="certificate verify failed"):
+                        c._send("GET", url, {})
+            assert loads == []                  # (without the mount: one per new unchecked connection)
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()

@@ -122,6 +122,27 @@ def new_session() -> requests.Session:
     return s
 
 
+class _UncheckedTLS(requests.adapters.HTTPAdapter):
+    """TLS without certificate checks, for the one host the user said --insecure for. urllib3 loads
+    the system CA store into every TLS context it makes itself, one per new connection (~20 ms
+    here), even when the certificate is not going to be checked; a context given to it is used
+    as it is. Every request to this host is sent with verify=False (`RegistryClient._verify_for`),
+    so urllib3's per-connection setting of the context's verify mode always writes the same value."""
+
+    def init_poolmanager(self, *args, **kw):
+        import ssl
+
+        from urllib3.util.ssl_ import create_urllib3_context
+
+        kw["ssl_context"] = create_urllib3_context(cert_reqs=ssl.CERT_NONE)
+        return super().init_poolmanager(*args, **kw)
+
+
+def mount_unchecked_tls(session: requests.Session, host: str) -> None:
+    """Connections to https://HOST/ (host[:port], as in the URLs sent) skip the CA store."""
+    session.mount(f"https://{host}/", _UncheckedTLS())
+
+
 def send(session: requests.Session, method: str, url: str, *, headers: dict, verify, stream: bool = False,
          data=None, cancelled: Callable[[], bool] | None = None,
          sleep: Callable[[float], None] = time.sleep) -> requests.Response:

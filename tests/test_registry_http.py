@@ -47,7 +47,8 @@ def test_trust_adds_extra_ca_to_base(tmp_path, monkeypatch):
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(base))
     t = Trust(str(extra))
     try:
-        data = open(t.bundle, "rb").read()
+        with open(t.bundle, "rb") as f:
+            data = f.read()
         assert b"BASE" in data and b"EXTRA" in data
     finally:
         t.close()
@@ -124,3 +125,16 @@ def test_insecure_skips_certificate_checks_for_that_host_only(test_certs, monkey
         for srv in servers:
             srv.shutdown()
             srv.server_close()
+
+
+def test_the_client_does_not_import_a_charset_detector():
+    """requests would import chardet/charset_normalizer on import (~20 ms of every run's start-up)
+    for text bodies the client never reads; they stay importable for others, and no warning shows."""
+    import subprocess
+    import sys
+
+    code = ("import sys, warnings; warnings.simplefilter('error'); import hpcconv.registry.client, requests; "
+            "assert not {'chardet', 'charset_normalizer'} & set(sys.modules), sorted(sys.modules); "
+            "assert requests.compat.chardet is None; import charset_normalizer; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -76,8 +76,10 @@ class Trust:
             self.bundle = base
             return
         try:
-            extra = open(ca_cert, "rb").read()
-            basedata = open(base, "rb").read()
+            with open(ca_cert, "rb") as f:
+                extra = f.read()
+            with open(base, "rb") as f:
+                basedata = f.read()
         except OSError as e:
             raise NetworkError(f"cannot read CA bundle {ca_cert}: {e.strerror or e}") from None
         fd, self._tmp = tempfile.mkstemp(prefix="hpcconv-ca-", suffix=".pem")

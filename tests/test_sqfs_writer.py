@@ -567,3 +567,26 @@ write_native(items, __import__("pathlib").Path(sys.argv[1]), block_size=BS)
         got = {ti.name.lstrip("./"): ti for ti in tf}
     assert "odd/caf\udce9" in got                              # the byte 0xE9 itself
     assert got["odd/l\xe9"].linkname == "caf\xe9/\udce9"       # é as UTF-8, then 0xE9
+
+
+def test_write_back_behind_the_writer_changes_no_byte(tmp_path, monkeypatch):
+    """With flush_behind (the SIF sink, which fsyncs at the end) the write-back of the data written
+    so far is started every FLUSH_STEP bytes, on the ranges in order, and the image is the same
+    bytes as without (duplicates cut off after a range was handed over included)."""
+    if sqfs._sync_range is None:
+        pytest.skip("the C module is not built")
+    items = rich_stream(13)
+    dup = random.Random(13).randbytes(5 * BS)
+    items += [(_f("d/one", dup), dup), (_f("d/two", dup), dup)]
+    plain, behind = tmp_path / "plain.sqfs", tmp_path / "behind.sqfs"
+    write_native(items, plain, compression="zstd", level=3, block_size=BS)
+    calls = []
+    real = sqfs._sync_range
+    monkeypatch.setattr(sqfs, "_sync_range", lambda fd, off, n: calls.append((off, n)) or real(fd, off, n))
+    monkeypatch.setattr(sqfs, "FLUSH_STEP", 3 * BS)
+    write_native(items, behind, compression="zstd", level=3, block_size=BS, flush_behind=True)
+    assert behind.read_bytes() == plain.read_bytes()
+    calls.sort()                                     # (they run on the pool: in any order)
+    assert len(calls) > 3
+    assert all(b[0] == a[0] + a[1] for a, b in zip(calls, calls[1:]))      # contiguous, no overlap
+    assert calls[0][0] == 96 + 6 and all(n >= 3 * BS for _, n in calls)    # from the first data byte

@@ -385,7 +385,7 @@ def _squashfs_into(entries: Iterable[Entry], tmp: Path, offset: int, compression
         try:
             w, reuse = sinks.write_squashfs_native(entries, fd, offset, compression, level, block_size,
                                                    reporter, f"writing {label}", mod_time=now, root_mtime=now,
-                                                   clamp_mtime=when)
+                                                   clamp_mtime=when, flush_behind=True)   # (fsynced below)
             return w.count, w, reuse
         finally:
             os.close(fd)

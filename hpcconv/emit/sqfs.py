@@ -145,6 +145,14 @@ def compressor(name: str, level: int | None):
 
 
 _native_tables = native.sqfs_tables if native is not None else None
+_sync_range = getattr(native, "sync_range", None)
+FLUSH_STEP = 16 << 20
+
+
+def _start_writeback(fd: int, offset: int, n: int) -> None:
+    """Start the write-back of a range (a hint: errors show at the caller's fsync, if anywhere)."""
+    with contextlib.suppress(OSError):
+        _sync_range(fd, offset, n)
 
 
 class _Meta:
@@ -241,7 +249,7 @@ class SquashWriter:
     def __init__(self, fd: int, base: int = 0, *, compression: str = "zstd", level: int | None = None,
                  block_size: int = 1 << 20, jobs: int | None = None, mod_time: int = 0,
                  root_mtime: int = 0, clamp_mtime: int | None = None, progress=None,
-                 reuse: "BlockReuse | None" = None):
+                 reuse: "BlockReuse | None" = None, flush_behind: bool = False):
         if block_size & (block_size - 1) or not 4096 <= block_size <= 1 << 20:
             raise UsageError(f"SquashFS block size must be a power of 2 from 4 KiB to 1 MiB, not {block_size}")
         self.fd, self.base = fd, base
@@ -286,6 +294,10 @@ class SquashWriter:
         self.compressions_saved = 0                          # blocks not compressed thanks to reuse
         self.reuse_note = ""
         self.frag_keys: list[bytes] = []
+        # for a caller that fsyncs the image at its end (the SIF sink): the write-back of what is
+        # written is started every FLUSH_STEP bytes on a pool thread, so that the fsync waits for
+        # the tail only (0.15 s -> 0.0x s for the benchmark image's 362 MB)
+        self.flushed = self.base + self.pos if flush_behind and _sync_range is not None else None
         os.ftruncate(fd, base + self.pos)
 
     # -- the stream --------------------------------------------------------------------------------------
@@ -536,6 +548,10 @@ class SquashWriter:
             n = os.pwrite(self.fd, view, self.base + self.pos)
             self.pos += n
             view = view[n:]
+        if self.flushed is not None and self.base + self.pos - self.flushed >= FLUSH_STEP:
+            end = self.base + self.pos
+            self.pool.submit(_start_writeback, self.fd, self.flushed, end - self.flushed)
+            self.flushed = end
 
     def _end_run(self, node: _Node) -> None:
         key = key_of(b"".join(node.digests) + struct.pack("<Q", node.size))
@@ -583,7 +599,8 @@ class SquashWriter:
         self._flush_fragment()
         self._queue_fragments()
         self._drain(True, everything=True)
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True)          # (write-backs started behind the data are done too)
+        self.flushed = None                    # the tables are the caller's fsync's to write
         order = self._order()
         for i, node in enumerate(order, 1):
             node.number = i

@@ -3,7 +3,7 @@
 
 def _import_requests() -> None:
     """Import requests without a character-set detector: requests imports chardet or
-    charset_normalizer when it is imported (22 ms here, a tenth of a small conversion's start-up)
+    charset_normalizer when it is imported (~20 ms here, a tenth of a small conversion's start-up)
     only to guess the encoding of a text body that declares none, which this client never reads as
     text (registry replies are JSON or bytes; requests decodes JSON without a detector, and falls
     back to UTF-8 for `.text`). Only when requests is not imported yet; the detector modules stay

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email.utils
+import os
 import ssl
+import tempfile
 import time
 
 import pytest
@@ -39,25 +41,29 @@ def test_range_check():
     assert not _range_ok("", 100, 1000)
 
 
-def test_trust_adds_extra_ca_to_base(tmp_path, monkeypatch):
-    base = tmp_path / "base.pem"
-    base.write_bytes(b"BASE\n")
-    extra = tmp_path / "extra.pem"
-    extra.write_bytes(b"EXTRA\n")
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(base))
-    t = Trust(str(extra))
-    try:
-        with open(t.bundle, "rb") as f:
-            data = f.read()
-        assert b"BASE" in data and b"EXTRA" in data
-    finally:
-        t.close()
-    assert Trust(None).bundle == str(base)
+def test_trust_adds_extra_ca_to_base(tmp_path, monkeypatch, test_certs):
+    """The client's SSL context holds the base bundle (REQUESTS_CA_BUNDLE, else SSL_CERT_FILE) and
+    the --ca-cert CA (real certificates, read back from the context); no file is written for it;
+    a CA file that is missing or holds no certificate is a one-line error."""
+    import glob
+
+    def subjects(t):
+        return {dict(x[0] for x in c["subject"])["commonName"] for c in t.context.get_ca_certs()}
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(test_certs.token_cert))
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "hpcconv-ca-*")))
+    t = Trust(str(test_certs.ca))
+    assert subjects(t) == {"hpcconv test token signer", "hpcconv test CA"}
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "hpcconv-ca-*"))) == before
+    assert Trust(None).bundle == str(test_certs.token_cert)
+    assert subjects(Trust(None)) == {"hpcconv test token signer"}
     monkeypatch.delenv("REQUESTS_CA_BUNDLE")
-    monkeypatch.setenv("SSL_CERT_FILE", str(extra))
-    assert Trust(None).bundle == str(extra)
-    with pytest.raises(NetworkError):
+    monkeypatch.setenv("SSL_CERT_FILE", str(test_certs.ca))
+    assert Trust(None).bundle == str(test_certs.ca) and subjects(Trust(None)) == {"hpcconv test CA"}
+    with pytest.raises(NetworkError, match="cannot read CA bundle"):
         Trust(str(tmp_path / "missing.pem"))
+    (tmp_path / "junk.pem").write_bytes(b"EXTRA\n")
+    with pytest.raises(NetworkError, match="holds no usable certificate"):
+        Trust(str(tmp_path / "junk.pem"))
 
 
 def test_token_realm_checks():
@@ -80,9 +86,10 @@ def test_token_realm_checks():
 
 
 def test_insecure_skips_certificate_checks_for_that_host_only(test_certs, monkeypatch):
-    """--insecure for a registry: its TLS connections are not checked (and load no CA store), while
-    a server on another host is still checked, before and after, on the same session; real TLS
-    servers on loopback with a certificate from a CA the client does not trust."""
+    """--insecure for a registry: its TLS connections are not checked, while a server on another
+    host is still checked, before and after, on the same session (the checked and the unchecked
+    SSL context never mix); no connection loads a CA file. Real TLS servers on loopback with a
+    certificate from a CA the client does not trust."""
     import http.server
     import threading
 
@@ -112,15 +119,17 @@ def test_insecure_skips_certificate_checks_for_that_host_only(test_certs, monkey
         own, other = (f"{ip}:{s.server_address[1]}" for ip, s in zip(("127.0.0.1", "127.0.0.2"), servers))
         with RegistryClient(parse(f"{own}/a/b"), insecure=True) as c:
             loads = []
-            real = ssl.SSLContext.load_default_certs
+            real, real_files = ssl.SSLContext.load_default_certs, ssl.SSLContext.load_verify_locations
             monkeypatch.setattr(ssl.SSLContext, "load_default_certs", lambda self, *a: loads.append(1) or real(self, *a))
-            for url in (f"https://{own}/v2/", f"https://{other}/v2/", f"https://{own}/v2/"):
+            monkeypatch.setattr(ssl.SSLContext, "load_verify_locations",
+                                lambda self, *a, **k: loads.append(2) or real_files(self, *a, **k))
+            for url in (f"https://{own}/v2/", f"https://{other}/v2/", f"https://{own}/v2/", f"https://{other}/v2/"):
                 if url.startswith(f"https://{own}/"):
                     assert c._send("GET", url, {}).status_code == 200
                 else:
                     with pytest.raises(NetworkError, match="certificate verify failed"):
                         c._send("GET", url, {})
-            assert loads == []                  # (without the mount: one per new unchecked connection)
+            assert loads == []           # (urllib3's own contexts: one store load per new connection)
     finally:
         for srv in servers:
             srv.shutdown()

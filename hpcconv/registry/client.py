@@ -27,7 +27,7 @@ from ..errors import AuthError, CorruptInput, NetworkError, SourceError
 from ..image import MANIFEST_ACCEPT, Descriptor
 from ..reference import Reference
 from . import auth, credentials
-from .http import MAX_ATTEMPTS, Trust, backoff, min_rate, mount_unchecked_tls, new_session, send
+from .http import MAX_ATTEMPTS, Trust, backoff, min_rate, mount_tls, new_session, send
 
 MAX_MANIFEST = 8 << 20
 MAX_TOKEN_RESPONSE = 1 << 20
@@ -100,8 +100,7 @@ class RegistryClient:
         self.insecure = insecure
         self.trust = Trust(ca_cert)
         self.session = new_session()
-        if insecure:
-            mount_unchecked_tls(self.session, self.host)     # (the https probe of a plain-HTTP one too)
+        mount_tls(self.session, self.trust)
         self.scheme: str | None = None
         self.challenge: auth.Challenge | None = None
         self.tokens = auth.TokenCache()
@@ -128,7 +127,7 @@ class RegistryClient:
     # plumbing -------------------------------------------------------------------------------------
     def _verify_for(self, url: str):
         host = (urlsplit(url).hostname or "").lower()
-        return False if (self.insecure and host == self.hostname) else self.trust.bundle
+        return False if (self.insecure and host == self.hostname) else True     # (the CAs: mount_tls)
 
     def credential(self) -> credentials.Credential | None:
         if self._explicit:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import email.utils
 import os
 import random
-import tempfile
 import time
 import warnings
 from typing import Callable
@@ -67,33 +66,29 @@ def base_bundle() -> str:
 
 
 class Trust:
-    """The `verify=` value for requests: a CA bundle path (base + extra CA) or False when insecure."""
+    """What TLS servers are checked against: one SSL context holding the CA bundle
+    (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, else certifi's) and, with --ca-cert, that CA too, built once per client and
+    given to urllib3 by `mount_tls`. (urllib3 otherwise reads a bundle file into a fresh context
+    for every new connection, ~20 ms each; and --ca-cert needed a combined bundle written to /tmp,
+    which a killed process left behind.) `bundle`: the base bundle's path."""
 
     def __init__(self, ca_cert: str | None):
-        self._tmp: str | None = None
-        base = base_bundle()
-        if not ca_cert:
-            self.bundle = base
-            return
-        try:
-            with open(ca_cert, "rb") as f:
-                extra = f.read()
-            with open(base, "rb") as f:
-                basedata = f.read()
-        except OSError as e:
-            raise NetworkError(f"cannot read CA bundle {ca_cert}: {e.strerror or e}") from None
-        fd, self._tmp = tempfile.mkstemp(prefix="hpcconv-ca-", suffix=".pem")
-        with os.fdopen(fd, "wb") as f:
-            f.write(basedata + b"\n" + extra + b"\n")
-        self.bundle = self._tmp
+        import ssl
+
+        from urllib3.util.ssl_ import create_urllib3_context
+
+        self.bundle = base_bundle()
+        self.context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+        for path in [self.bundle] + ([ca_cert] if ca_cert else []):
+            try:
+                self.context.load_verify_locations(cafile=path)
+            except ssl.SSLError as e:
+                raise NetworkError(f"CA bundle {path} holds no usable certificate ({e.reason or e})") from None
+            except OSError as e:
+                raise NetworkError(f"cannot read CA bundle {path}: {e.strerror or e}") from None
 
     def close(self) -> None:
-        if self._tmp:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
-            self._tmp = None
+        pass
 
 
 def retry_after(value: str | None) -> float | None:
@@ -124,25 +119,47 @@ def new_session() -> requests.Session:
     return s
 
 
-class _UncheckedTLS(requests.adapters.HTTPAdapter):
-    """TLS without certificate checks, for the one host the user said --insecure for. urllib3 loads
-    the system CA store into every TLS context it makes itself, one per new connection (~20 ms
-    here), even when the certificate is not going to be checked; a context given to it is used
-    as it is. Every request to this host is sent with verify=False (`RegistryClient._verify_for`),
-    so urllib3's per-connection setting of the context's verify mode always writes the same value."""
+class _ContextTLS(requests.adapters.HTTPAdapter):
+    """HTTPS through SSL contexts made once: `checked` (the Trust's) for requests sent with
+    verify=True, one without checks for verify=False (the --insecure host, `_verify_for`). Each
+    context goes into the connection pool's key, so a pool, and the per-connection setting of its
+    context's verify mode, only ever sees one verify value. urllib3 loads CA files only into a
+    context it makes itself or when told a CA path, which requests' cert_verify tells it for every
+    checked connection: cleared here (the context holds the CAs)."""
 
-    def init_poolmanager(self, *args, **kw):
-        import ssl
+    def __init__(self, checked):
+        self._checked = checked
+        self._unchecked = None
+        super().__init__()
 
-        from urllib3.util.ssl_ import create_urllib3_context
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        if verify is True:
+            pool_kwargs["ssl_context"] = self._checked
+        elif verify is False:
+            if self._unchecked is None:
+                import ssl
 
-        kw["ssl_context"] = create_urllib3_context(cert_reqs=ssl.CERT_NONE)
-        return super().init_poolmanager(*args, **kw)
+                from urllib3.util.ssl_ import create_urllib3_context
+
+                self._unchecked = create_urllib3_context(cert_reqs=ssl.CERT_NONE)
+            pool_kwargs["ssl_context"] = self._unchecked
+        else:
+            raise ValueError("verify is True or False here (the CAs are in the Trust's context)")
+        pool_kwargs.pop("ca_certs", None)
+        pool_kwargs.pop("ca_cert_dir", None)
+        return host_params, pool_kwargs
+
+    def cert_verify(self, conn, url, verify, cert) -> None:
+        super().cert_verify(conn, url, verify, cert)
+        conn.ca_certs = conn.ca_cert_dir = None
 
 
-def mount_unchecked_tls(session: requests.Session, host: str) -> None:
-    """Connections to https://HOST/ (host[:port], as in the URLs sent) skip the CA store."""
-    session.mount(f"https://{host}/", _UncheckedTLS())
+def mount_tls(session: requests.Session, trust: Trust) -> None:
+    """HTTPS checked against `trust`'s context (requests sent with verify=True), or not checked at
+    all (verify=False), without loading a CA file per connection: urllib3 would load the system
+    store into a fresh context for every new connection, ~20 ms, even an unchecked one."""
+    session.mount("https://", _ContextTLS(trust.context))
 
 
 def send(session: requests.Session, method: str, url: str, *, headers: dict, verify, stream: bool = False,

@@ -93,7 +93,6 @@ def test_insecure_skips_certificate_checks_for_that_host_only(test_certs, monkey
     import http.server
     import threading
 
-    from hpcconv.errors import NetworkError
     from hpcconv.reference import parse
     from hpcconv.registry.client import RegistryClient
     from registryfix import server_context

@@ -98,9 +98,9 @@ class RegistryClient:
         self.hostname = (urlsplit(f"//{ref.host}").hostname or ref.host).lower()
         self.repo = ref.repository
         self.insecure = insecure
-        self.trust = Trust(ca_cert)
+        trust = Trust(ca_cert)                  # (first: a bad CA file leaves no session behind)
         self.session = new_session()
-        mount_tls(self.session, self.trust)
+        mount_tls(self.session, trust)
         self.scheme: str | None = None
         self.challenge: auth.Challenge | None = None
         self.tokens = auth.TokenCache()
@@ -116,7 +116,6 @@ class RegistryClient:
     # lifecycle ------------------------------------------------------------------------------------
     def close(self) -> None:
         self.session.close()
-        self.trust.close()
 
     def __enter__(self) -> "RegistryClient":
         return self

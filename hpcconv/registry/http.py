@@ -21,11 +21,13 @@ from __future__ import annotations
 import email.utils
 import os
 import random
+import ssl
 import time
 import warnings
 from typing import Callable
 
 import requests
+from urllib3.util.ssl_ import create_urllib3_context
 from requests.utils import get_environ_proxies
 
 from ..errors import NetworkError
@@ -67,16 +69,12 @@ def base_bundle() -> str:
 
 class Trust:
     """What TLS servers are checked against: one SSL context holding the CA bundle
-    (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, else certifi's) and, with --ca-cert, that CA too, built once per client and
-    given to urllib3 by `mount_tls`. (urllib3 otherwise reads a bundle file into a fresh context
-    for every new connection, ~20 ms each; and --ca-cert needed a combined bundle written to /tmp,
-    which a killed process left behind.) `bundle`: the base bundle's path."""
+    (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, else certifi's) and, with --ca-cert, that CA too, built
+    once per client and given to urllib3 by `mount_tls`. (urllib3 otherwise reads a bundle file
+    into a fresh context for every new connection, ~20 ms each; and --ca-cert needed a combined
+    bundle written to /tmp, which a killed process left behind.) `bundle`: the base bundle's path."""
 
     def __init__(self, ca_cert: str | None):
-        import ssl
-
-        from urllib3.util.ssl_ import create_urllib3_context
-
         self.bundle = base_bundle()
         self.context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
         for path in [self.bundle] + ([ca_cert] if ca_cert else []):
@@ -86,9 +84,6 @@ class Trust:
                 raise NetworkError(f"CA bundle {path} holds no usable certificate ({e.reason or e})") from None
             except OSError as e:
                 raise NetworkError(f"cannot read CA bundle {path}: {e.strerror or e}") from None
-
-    def close(self) -> None:
-        pass
 
 
 def retry_after(value: str | None) -> float | None:
@@ -138,10 +133,6 @@ class _ContextTLS(requests.adapters.HTTPAdapter):
             pool_kwargs["ssl_context"] = self._checked
         elif verify is False:
             if self._unchecked is None:
-                import ssl
-
-                from urllib3.util.ssl_ import create_urllib3_context
-
                 self._unchecked = create_urllib3_context(cert_reqs=ssl.CERT_NONE)
             pool_kwargs["ssl_context"] = self._unchecked
         else:

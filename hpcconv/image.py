@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
@@ -73,17 +75,12 @@ class _HashWorker:
     DEPTH = 2               # pieces waiting (bounded memory: the decoder waits when the hashing lags)
 
     def __init__(self):
-        import queue
-        import threading
-
-        self._q: "queue.Queue" = queue.Queue(self.DEPTH)
+        self._q: queue.Queue = queue.Queue(self.DEPTH)
         self._start = threading.Lock()
         self._t = None
 
     def put(self, item) -> None:
         if self._t is None:
-            import threading
-
             with self._start:
                 if self._t is None:
                     self._t = threading.Thread(target=self._run, name="hpcconv-hash", daemon=True)
@@ -119,8 +116,6 @@ class OffloadedHash:
             _HASH_WORKER.put((self, data if isinstance(data, bytes) else bytes(data)))
 
     def hexdigest(self) -> str:
-        import threading
-
         done = threading.Event()
         _HASH_WORKER.put((done, None))
         done.wait()

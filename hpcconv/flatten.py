@@ -68,13 +68,14 @@ tests/test_flatten_docker.py):
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import io
 import json
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .cachefiles import read_trusted, write_atomic
 from .compression import CHUNK, ChunkReader, decoded_chunks
@@ -282,6 +283,29 @@ def _members(stream, what: str) -> Iterator[tuple[TarReader, Member]]:
 # reads; content reads larger than it go straight to the prefetch buffer, so a small one costs
 # nothing and holds no third copy of a 1 MiB chunk
 _HEADER_BUF = 64 << 10
+
+# How many decoded chunks (CHUNK bytes each) a layer's decoder may run ahead of the reader.
+PREFETCH_DEPTH = 2
+AHEAD_MAX = 16
+# A consumer that holds little of the stream itself may let a layer's decoder run further ahead:
+# given a layer digest, the depth for that layer now (at most AHEAD_MAX), or None for
+# PREFETCH_DEPTH; asked from the decoder's thread before each chunk it queues beyond the default.
+# The SquashFS writer sets it for the layers an earlier image in the block-reuse index was made
+# of (emit/sqfs.py, SquashWriter.read_ahead): their blocks come back from that image at once, so the writer's window of
+# jobs, which would otherwise hold decoded chunks, stays nearly empty, and the decoder banks chunks
+# while the reader is slow (small files) for when it is fast again (big files whose blocks are
+# reused), instead of the two taking turns.
+READ_AHEAD: "contextvars.ContextVar[Callable[[str], int | None] | None]" = contextvars.ContextVar(
+    "hpcconv_read_ahead", default=None)
+
+
+def _ahead_of(digest: str) -> Callable[[], int | None] | None:
+    """READ_AHEAD for one layer (looked up here, in the reader's context: the decoder's thread
+    does not see it)."""
+    ahead = READ_AHEAD.get()
+    return None if ahead is None else (lambda: ahead(digest))
+
+
 _Chunks = native.Chunks if native is not None else None
 
 
@@ -294,12 +318,16 @@ class _Prefetch(ChunkReader):
 
     _END = object()
 
-    def __init__(self, chunks: Iterator[bytes], depth: int = 2, what: str = "layer"):
+    def __init__(self, chunks: Iterator[bytes], depth: int = PREFETCH_DEPTH, what: str = "layer",
+                 ahead: Callable[[], int | None] | None = None):
         import queue
         import threading
 
         self._source, self._what = chunks, what
-        self._q: "queue.Queue" = queue.Queue(maxsize=depth)
+        # with `ahead` (see READ_AHEAD), the depth asked before each chunk, default `depth`
+        self._depth, self._ahead = depth, ahead
+        self._q: "queue.Queue" = queue.Queue(maxsize=AHEAD_MAX if ahead is not None else depth)
+        self._taken = threading.Event() if ahead is not None else None
         self._stop = threading.Event()
         super().__init__(self._received())
         self._t = threading.Thread(target=self._run, name="hpcconv-prefetch", daemon=True)
@@ -309,6 +337,11 @@ class _Prefetch(ChunkReader):
         import queue
 
         while not self._stop.is_set():
+            if self._taken is not None and self._q.qsize() >= self._depth:
+                self._taken.clear()                # (before the size is read again: no wake-up lost)
+                if self._q.qsize() >= (self._ahead() or self._depth):
+                    self._taken.wait(0.1)
+                    continue
             try:
                 self._q.put(item, timeout=0.1)
                 return True
@@ -333,6 +366,8 @@ class _Prefetch(ChunkReader):
         """The thread's chunks, in the reader's thread; after an error, the end."""
         while True:
             item = self._q.get()
+            if self._taken is not None:
+                self._taken.set()
             if item is self._END:
                 return
             if isinstance(item, BaseException):
@@ -582,7 +617,8 @@ class Flattener:
                          None if cap is None else cap + _BOMB_SLACK, self.stats["expanded_bytes"], what)
             # The thread decodes to the very end (compressed remainder included), so the blob digest
             # and the diff_id cover every byte even though the tar ends earlier.
-            pf = _Prefetch(cnt.through(decoded_chunks(_progress_read(raw, task), what)), what=what)
+            pf = _Prefetch(cnt.through(decoded_chunks(_progress_read(raw, task), what)),
+                           what=what, ahead=_ahead_of(self.image.layers[i].digest))
             stream = pf.reader()
             ordinal = -1
             for tr, ti in _members(stream, what):
@@ -902,7 +938,7 @@ class Flattener:
             ordinal = -1
             left = len(want)
             # decoded_chunks reads `raw` to its end, where a VerifyingReader checks the digest
-            pf = _Prefetch(decoded_chunks(raw.read, what), what=what)
+            pf = _Prefetch(decoded_chunks(raw.read, what), what=what, ahead=_ahead_of(self.image.layers[i].digest))
             buffered = pf.reader()
             members = _members(buffered, what)
             while left:

@@ -33,7 +33,7 @@ import fcntl
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -169,7 +169,14 @@ class BlobWriter:
     """Write one blob into the store: append to a partial file, verify, then publish atomically.
 
     Use as a context manager. `offset` is how many bytes of a previous partial download are kept
-    (resume with HTTP Range from there); call `restart()` if the server ignored the range."""
+    (resume with HTTP Range from there); call `restart()` if the server ignored the range.
+
+    While it holds the blob's lock, the writer is `Store.writing(digest)` to this process: a reader
+    that follows the partial file as it grows (sources/registry.py) may take this writer's check
+    for its own. The file only grows, and every byte in it is hashed by this writer (the kept
+    prefix when the lock was taken, then each write), so bytes read from it while `generation`
+    stays the same are the bytes `commit` verifies; `restart` and `discard` change `generation`
+    first, before any byte is dropped."""
 
     def __init__(self, store: "Store", digest: str, size: int | None):
         self.store, self.digest, self.size = store, digest, size
@@ -181,6 +188,8 @@ class BlobWriter:
         self._h = hasher_for(digest)
         self.offset = 0
         self.written = 0
+        self.generation = 0
+        self.committed = False
 
     def __enter__(self) -> "BlobWriter":
         self._lock_cm = _flock(self._lockfile)
@@ -197,6 +206,7 @@ class BlobWriter:
             self.offset += len(chunk)
         if self.size is not None and self.offset > self.size:
             self.restart()
+        self.store._writing[self.digest] = self
         return self
 
     @property
@@ -205,6 +215,7 @@ class BlobWriter:
 
     def restart(self) -> None:
         assert self._f is not None
+        self.generation += 1
         self._f.seek(0)
         self._f.truncate()
         self._h = hasher_for(self.digest)
@@ -251,9 +262,11 @@ class BlobWriter:
             self._full(e)
         os.chmod(self.partial, 0o644)
         os.replace(self.partial, dest)
+        self.committed = True
         return dest
 
     def discard(self) -> None:
+        self.generation += 1
         if self._f is not None:
             try:
                 self._f.close()
@@ -277,6 +290,8 @@ class BlobWriter:
                         self.discard()      # could not flush what we kept: do not leave a torn prefix
                     self._f = None
         finally:
+            if self.store._writing.get(self.digest) is self:
+                del self.store._writing[self.digest]
             # the lock file is only a mutex: remove it while we hold it (a waiter re-checks the inode)
             with contextlib.suppress(OSError):
                 os.unlink(self._lockfile)
@@ -286,6 +301,8 @@ class BlobWriter:
 @dataclass
 class Store:
     root: Path
+    # the blobs this process is writing now, by digest (BlobWriter)
+    _writing: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike | None = None) -> "Store":
@@ -330,6 +347,10 @@ class Store:
 
     def writer(self, digest: str, size: int | None = None) -> BlobWriter:
         return BlobWriter(self, digest, size)
+
+    def writing(self, digest: str) -> BlobWriter | None:
+        """The writer of this process holding the blob's lock now, if any (see BlobWriter)."""
+        return self._writing.get(digest)
 
     def put_bytes(self, data: bytes, digest: str | None = None) -> str:
         digest = digest or digest_bytes(data)

@@ -467,16 +467,23 @@ def _proxy_handler(proxy: LoopbackProxy):
             self.send_header("Content-Length", r.headers.get("Content-Length", str(len(body)))
                              if method == "HEAD" else str(len(body)))
             self.end_headers()
+            cut = next((sub for sub, n in proxy.cut_first.items() if sub in self.path and n > 0), None)
             if proxy.throttle and method == "GET" and "/blobs/" in self.path:
                 step = max(1, int(proxy.throttle / 10))
+                if cut is not None:                # half the body, slowly, then the connection drops
+                    proxy.cut_first[cut] -= 1
+                    s.status = -r.status_code
+                    body = body[: len(body) // 2]
                 with contextlib.suppress(OSError):
                     for i in range(0, len(body), step):
                         self.wfile.write(body[i:i + step])
                         self.wfile.flush()
                         time.sleep(0.1)
+                    if cut is not None:
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
                 s.end = time.monotonic()
                 return
-            cut = next((sub for sub, n in proxy.cut_first.items() if sub in self.path and n > 0), None)
             if cut is not None and method == "GET" and len(body) > 1:
                 proxy.cut_first[cut] -= 1
                 s.status = -r.status_code          # negative: this response was cut short

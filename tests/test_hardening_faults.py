@@ -276,7 +276,16 @@ def test_a_layer_is_read_while_its_blob_downloads(fault_image, plain_registry, t
     from hpcconv.flatten import Flattener
     from hpcconv.sources import SourceOptions, open_source
 
+    from hpcconv import image as image_mod
+
     monkeypatch.setenv("HPCCONV_FOLLOW_DOWNLOADS", "1" if follow else "0")
+    hashed = []                                          # the blobs a reader hashes as it reads them
+    real = image_mod.VerifyingReader.__init__
+
+    def counting(self, raw, digest, *a, **kw):
+        hashed.append(digest)
+        real(self, raw, digest, *a, **kw)
+    monkeypatch.setattr(image_mod.VerifyingReader, "__init__", counting)
     img, layers = fault_image
     proxy = LoopbackProxy(test_certs, plain_registry)
     proxy.throttle = 500_000                             # the 1.5 MB bottom layer takes ~3 s
@@ -292,6 +301,8 @@ def test_a_layer_is_read_while_its_blob_downloads(fault_image, plain_registry, t
             got[e.path] = hashlib.sha256(e.reader.read()).hexdigest()
         image.downloads.finish()
         assert complete_when_yielded == (not follow)
+        # followed, the bottom layer's bytes are the download's, hashed by it only (flatten._Vouched)
+        assert (layers[0] in hashed) == (not follow), hashed
         want = {}
         for d in layers:
             with tarfile.open(fileobj=io.BytesIO(gzip.decompress(img.blobs[d]))) as tf:
@@ -299,6 +310,59 @@ def test_a_layer_is_read_while_its_blob_downloads(fault_image, plain_registry, t
                     want[ti.name] = hashlib.sha256(tf.extractfile(ti).read()).hexdigest()
         assert got == want
         check_store(store_dir, img.blobs)
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("passes", ["1", "2"])
+def test_a_layer_downloaded_again_while_it_is_read(fault_image, plain_registry, test_certs, henv, store_dir,
+                                                   tmp_path, passes):
+    """The bottom layer's first answer carries other bytes (a valid layer of its own), slowly, and
+    breaks off half-way; the server ignores the resume's Range and sends the right blob whole, which
+    the download verifies. The single pass has read part of the wrong bytes by then, from the
+    partial file, without hashing them (the download vouches for what it wrote, flatten._Vouched):
+    it must not keep them. It reads the layers again, in two passes, from the verified blob, and
+    the image holds the right file (kept, the wrong bytes and the right ones make a stream that
+    does not decompress, or the wrong file). The two-pass flatten (HPCCONV_FLATTEN_PASSES=2) hashes
+    what it follows itself: the mixed stream fails its check, a one-line error, no output."""
+    from ocitools import T, build_image, make_tar
+
+    img, layers = fault_image
+    bottom = layers[0].split(":")[1]
+    other = build_image([make_tar([T("big", data=os.urandom(1_500_000))])]).blobs
+    other_blob = next(v for v in other.values() if len(v) > 1_000_000)
+    proxy = LoopbackProxy(test_certs, plain_registry)
+    proxy.throttle = 1_000_000
+    proxy.cut_first = {bottom: 1}
+    proxy.strip_range = True
+    served = []
+
+    def mutate(path, body):
+        if bottom in path and not served:
+            served.append(path)
+            return other_blob
+        return body
+    proxy.mutate = mutate
+    out, report = tmp_path / "out.sqfs", tmp_path / "report.json"
+    try:
+        r = hpc("convert", f"docker://{proxy.host_port}/test/faults:1", "--ca-cert", str(test_certs.ca),
+                "-t", "charliecloud", "--format", "squashfs", "-o", str(out), "--report", str(report),
+                env={**henv, "HPCCONV_FLATTEN_PASSES": passes})
+        gets = _gets(proxy, layers[0])
+        assert [(g.status, g.headers.get("Range")) for g in gets] == [(-200, None), (200, f"bytes={len(other_blob) // 2}-")]
+        check_store(store_dir, img.blobs)
+        if passes == "2":
+            one_line_error(r, 4)
+            assert not out.exists()
+            return
+        assert r.returncode == 0, r.stderr
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(img.blobs[layers[0]]))) as tf:
+            want = tf.extractfile("big").read()
+        got = subprocess.run(["unsquashfs", "-cat", str(out), "big"], capture_output=True, check=True).stdout
+        assert got == want
+        checks = {(c["stage"], c["name"]): c for run in json.loads(report.read_text())["runs"] for c in run["checks"]}
+        again = checks[("flatten", "single pass")]
+        assert "downloaded again while it was read" in again["detail"], again
     finally:
         proxy.stop()
 

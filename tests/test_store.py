@@ -97,3 +97,46 @@ def test_tags_replace_and_resolve(tmp_path):
     s.tag("example.org/b:1", d1)
     assert s.resolve("example.org/a:1").digest == d2.digest
     assert set(s.refs()) == {"example.org/a:1", "example.org/b:1"}
+
+
+class _Finished:
+    """Stands in for sources.registry.Downloads, whose only part a follower asks here is whether
+    the download is over (it is: the test drives the BlobWriter itself)."""
+
+    def wait(self, digest):
+        pass
+
+    def poll(self, digest, timeout):
+        return True
+
+
+@pytest.mark.parametrize("case", ["whole", "restarted", "short", "not-committed"])
+def test_a_follower_is_vouched_for_only_by_its_own_unchanged_writer(tmp_path, case):
+    """A reader following a blob this process downloads (sources/registry._Following) takes the
+    download's check for its own only when it read every byte from that writer's file and the
+    writer never started over (BlobWriter.generation) and published the blob."""
+    from hpcconv.sources.registry import _Following
+
+    store = Store.open(tmp_path / "s")
+    data = os.urandom(300_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert _Following(_Finished(), store, digest, len(data)).vouchable is False    # nobody writing it
+    with store.writer(digest, len(data)) as w:
+        assert store.writing(digest) is w
+        w.write(data[:100_000])
+        f = _Following(_Finished(), store, digest, len(data))
+        assert f.vouchable and not f.changed()
+        got = f.read(100_000)
+        if case == "restarted":
+            w.restart()
+            assert f.changed()
+        w.write(data[100_000:] if case != "restarted" else data)
+        w._f.flush()
+        if case != "short":
+            got += f.read()
+        if case != "not-committed":
+            w.commit()
+    assert store.writing(digest) is None
+    assert got == (data if case not in ("short",) else data[:100_000])
+    assert f.vouch() == (case == "whole")
+    f.close()

@@ -337,7 +337,12 @@ class _Following:
     download's own check fails the conversion too (`Downloads.poll` raises its error). A partial
     file that is truncated and written again (the server ignored a Range) holds the same bytes
     again, since a blob is its digest: the reader waits until they are back. A download that starts
-    over in a new file is followed by reopening once the blob is published."""
+    over in a new file is followed by reopening once the blob is published.
+
+    When this process's download of the blob already holds its lock (store.BlobWriter), the reader
+    `vouchable`: it reads that writer's file only, and `vouch()` says whether the download verified
+    exactly the bytes read here (the writer's `generation` never changed, and it committed), so the
+    caller need not hash them a second time; `changed()` says early that it will not."""
 
     MIN_PIECE = 1 << 20          # hand on less only at the end: every read costs the reader a GIL re-take
 
@@ -347,6 +352,28 @@ class _Following:
         self._partial = store.root / "tmp" / f"{algo}-{hexd}.partial"
         self._fd: int | None = None
         self._pos = 0
+        self._writer = store.writing(digest)
+        if self._writer is not None:
+            self._gen = self._writer.generation
+            try:
+                self._fd = os.open(self._writer.partial, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:                      # (dropped meanwhile: read as any other follower)
+                self._writer = None
+
+    @property
+    def vouchable(self) -> bool:
+        return self._writer is not None
+
+    def changed(self) -> bool:
+        """The download started over since this reader was opened: what it read may not be the blob."""
+        return self._writer.generation != self._gen
+
+    def vouch(self) -> bool:
+        """Whether the download verified exactly the bytes read here, all of them (waits for it;
+        raises its error)."""
+        self._dl.wait(self._digest)
+        w = self._writer
+        return w.committed and w.generation == self._gen and self._pos == self._size
 
     def _open(self, final: bool) -> None:
         paths = [self._store.blob_path(self._digest)] + ([] if final else [self._partial])
@@ -375,12 +402,14 @@ class _Following:
                 if data:
                     parts.append(data)
                     got += len(data)
-            if got >= min(n, self.MIN_PIECE):
+            if got >= min(n, self.MIN_PIECE) or (self._writer is not None and self.changed()):
                 break
             if self._dl.poll(self._digest, 0.002):
                 # complete: read the rest from the published blob (a restarted download may have
-                # written it to another file than the one followed so far)
-                self._open(True)
+                # written it to another file than the one followed so far; a vouching reader stays
+                # with its writer's file, published under the blob's name now)
+                if self._writer is None:
+                    self._open(True)
                 if self._fd is None:
                     raise SourceError(f"blob {self._digest} is missing from the store after its download")
                 while got < n:

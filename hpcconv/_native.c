@@ -1053,7 +1053,39 @@ native_sync_range(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* adjoin(a, b): one read-only memoryview of a's bytes followed by b's, when both are 1-D byte
+   memoryviews of the same bytes object and b begins where a ends (two pieces of one decoded chunk
+   read one after the other: a file's head and what follows it); else None, and the caller joins
+   them (a copy). */
+static PyObject *
+native_adjoin(PyObject *module, PyObject *args)
+{
+    PyObject *a, *b;
+    if (!PyArg_ParseTuple(args, "OO:adjoin", &a, &b))
+        return NULL;
+    if (!PyMemoryView_Check(a) || !PyMemoryView_Check(b))
+        Py_RETURN_NONE;
+    Py_buffer *va = PyMemoryView_GET_BUFFER(a), *vb = PyMemoryView_GET_BUFFER(b);
+    PyObject *obj = va->obj;
+    if (obj == NULL || obj != vb->obj || !PyBytes_CheckExact(obj) || va->ndim != 1 || vb->ndim != 1
+        || va->itemsize != 1 || vb->itemsize != 1 || (va->strides != NULL && va->strides[0] != 1)
+        || (vb->strides != NULL && vb->strides[0] != 1))
+        Py_RETURN_NONE;
+    const char *base = PyBytes_AS_STRING(obj);
+    const char *pa = (const char *)va->buf, *pb = (const char *)vb->buf;
+    Py_ssize_t size = PyBytes_GET_SIZE(obj);
+    if (pa < base || pa + va->len != pb || pb + vb->len > base + size)
+        Py_RETURN_NONE;
+    PyObject *whole = PyMemoryView_FromObject(obj);
+    if (whole == NULL)
+        return NULL;
+    PyObject *out = PySequence_GetSlice(whole, pa - base, pb + vb->len - base);
+    Py_DECREF(whole);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"adjoin", native_adjoin, METH_VARARGS, "One memoryview of two adjacent views of one bytes object, or None."},
     {"sync_range", native_sync_range, METH_VARARGS, "Start the write-back of a file range (see the module source)."},
     {"fields", native_fields, METH_O, "Parse a plain tar header block (see the module source), or None."},
     {"ustar", native_ustar, METH_VARARGS, "Format a ustar header block like entries._header."},

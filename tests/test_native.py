@@ -308,6 +308,22 @@ def test_c_chunks_hands_a_whole_chunk_on_without_copying():
     assert type(x) is bytes and x == big[10:] + b"tail"[:10]
 
 
+def test_c_adjoin_makes_one_view_of_adjacent_pieces_of_one_bytes_object_only():
+    big = os.urandom(1 << 16)
+    m = memoryview(big)
+    one = native.adjoin(m[100:200], m[200:5000])
+    assert type(one) is memoryview and one.obj is big and bytes(one) == big[100:5000] and one.readonly
+    assert bytes(native.adjoin(m[0:0], m[0:10])) == big[:10]
+    assert native.adjoin(m[100:200], m[201:300]) is None                     # a gap
+    assert native.adjoin(m[200:300], m[100:200]) is None                     # the wrong order
+    assert native.adjoin(m[:10], memoryview(bytes(bytearray(big)))[10:20]) is None   # another object
+    assert native.adjoin(m[0:10:2], m[10:20]) is None                        # strided
+    ba = bytearray(big)
+    assert native.adjoin(memoryview(ba)[:10], memoryview(ba)[10:20]) is None  # not immutable bytes
+    assert native.adjoin(big[:10], m[10:20]) is None                         # bytes, not a view
+    assert native.adjoin(m[:10], m[10:20].cast("B", (2, 5))) is None         # not 1-D
+
+
 def test_c_chunks_passes_iterator_errors_and_refuses_non_bytes():
     def broken():
         yield b"abc"

@@ -29,6 +29,9 @@ from typing import BinaryIO, Iterable, Iterator
 
 from ..entries import DIR, FILE, HARDLINK, Entry, provenance_of, read_full, reader_of
 from ..harness.checks import Checks
+from ..speedups import native
+
+_adjoin = native.adjoin if native is not None else None
 
 HEAD_SIZE = 64 * 1024
 _DRAIN_CHUNK = 1 << 20
@@ -55,8 +58,9 @@ class Pass:
     scan_instructions = False
 
     def observe(self, entry: Entry, head: bytes | None) -> Scanner | None:
-        """Every entry; ``head`` is the first bytes of a file (None for other types). May return a
-        scanner that then receives the whole file content as it streams."""
+        """Every entry; ``head`` is the first bytes of a file (None for other types): bytes when
+        they are the whole content, else bytes or a read-only memoryview. May return a scanner
+        that then receives the whole file content as it streams (bytes or memoryviews)."""
         return None
 
     def observe_elf(self, entry: Entry, elf) -> None:
@@ -72,7 +76,8 @@ class Pass:
     def edit(self, entry: Entry, head: bytes | None) -> Entry | None:
         """Called after ``observe`` for every entry: return it unchanged (the default), a replacement
         (same path; a file's replacement brings its own ``reader`` and ``size``), or None to drop it.
-        ``head`` is a file's first bytes (the whole content when ``entry.size <= len(head)``)."""
+        ``head`` is a file's first bytes, as for ``observe`` (the whole content, as bytes, when
+        ``entry.size <= len(head)``)."""
         return entry
 
     def additions(self) -> Iterable[Entry]:
@@ -141,7 +146,13 @@ class _TeeReader:
             parts.append(chunk)
             got += len(chunk)
         self._pos += got
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1:
+            return parts[0]
+        if len(parts) == 2 and _adjoin is not None:
+            one = _adjoin(parts[0], parts[1])        # the head's view and the next one of its chunk
+            if one is not None:
+                return one
+        return b"".join(parts)
 
     def readinto(self, b) -> int:
         """Fill ``b`` as far as the content goes (full reads: tarfile treats short reads as EOF)."""
@@ -273,7 +284,10 @@ class PassRunner:
             if e.type == FILE and e.size and e.reader is not None:
                 self.files_seen += 1
                 origin = provenance_of(e.reader) if self.elf_cache is not None else None
-                head = read_full(e.reader.read, min(self.head_size, e.size))
+                # a longer file's head may be a view into the decoded layer (no copy; the writer's
+                # first block then continues it without a copy either, see _TeeReader._take)
+                head = read_full(reader_of(e.reader) if e.size > self.head_size else e.reader.read,
+                                 min(self.head_size, e.size))
                 tee = _TeeReader(head, e.reader, e.size, self._scanners_for(e, head, origin))
                 out = e.with_(reader=tee)
                 if editing:

@@ -218,3 +218,19 @@ def test_read_view_through_the_tee_same_bytes_and_findings():
     assert got == ref_got and log == ref_log and facts == ref_facts
     assert got[f"{CLIBDIR}/{BIG}"] == sha(f"/{CLIBDIR}/{BIG}")
     assert facts["glibc"] and facts["elf"]
+
+
+def test_read_hands_on_bytes_when_the_head_is_a_view():
+    """A source with read_view gives a longer file's head as a view (no copy); the tee's plain read
+    still hands on bytes (its contract; consumers concatenate them), read_view may hand on views."""
+    data = bytes(range(256)) * 2000                        # longer than the head
+    e = Entry("f", FILE, 0o644, 0, 0, 0, len(data), reader=ViewReader(data))
+    for view in (False, True):
+        for out in PassRunner([HashPass()], head_size=4096).transform([e.with_(reader=ViewReader(data))]):
+            read = reader_of(out.reader) if view else out.reader.read
+            parts = [read(100), read(10_000), read()]
+            assert b"".join(bytes(p) for p in parts) == data
+            if not view:
+                assert {type(p) for p in parts} == {bytes}
+            elif native is not None:                       # the head's view and the next: one view
+                assert {type(p) for p in parts} == {memoryview}

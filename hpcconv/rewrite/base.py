@@ -137,8 +137,11 @@ class _TeeReader:
         parts = []
         got = 0
         if self._pos < len(self._head):
-            parts.append(self._head[self._pos:self._pos + want])
-            got = len(parts[0])
+            part = self._head[self._pos:self._pos + want]
+            if read is None and type(part) is not bytes:
+                part = bytes(part)                   # (a view head: read() hands on bytes)
+            parts.append(part)
+            got = len(part)
         while got < want and self._fed < self._size:
             chunk = self._pull(min(want - got, self._size - self._fed), read)
             if not chunk:

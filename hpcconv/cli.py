@@ -481,7 +481,7 @@ def main() -> None:
     # A conversion's worker threads (a layer's decoder, the hash thread, the compressor pool) run C
     # code without the GIL but need it for a moment between calls; while the main thread runs
     # Python, each such moment waited up to the switch interval (5 ms by default, against ~10 ms
-    # of work per 8 MiB chunk). 1 ms, interleaved runs on 2 cores: warm -3.8 %, cold -2.5 %.
+    # of work per 8 MiB chunk then). 1 ms, interleaved runs on 2 cores: warm -3.8 %, cold -2.5 %.
     sys.setswitchinterval(0.001)
 
     with __import__("contextlib").suppress(ValueError):       # not in the main thread: leave it

@@ -3,7 +3,7 @@
 The media type is a hint only: registries and tools mislabel layers, so the first bytes decide.
 
 `decoded_chunks` is the one decoder: it pulls compressed bytes through a `read(n)` function and
-yields the uncompressed bytes in bounded chunks (gzip: at most CHUNK, 8 MiB; zstd: at most CHUNK and
+yields the uncompressed bytes in bounded chunks (gzip: at most CHUNK, 4 MiB; zstd: at most CHUNK and
 one block, 128 KiB), one copy each, with no stream wrappers in between: the flatten's
 prefetch thread runs it directly, `open_decompressed` wraps it in a file object.
 """
@@ -18,11 +18,14 @@ from .errors import CorruptInput
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
-# 8 MiB, not 1: the thread that decodes hands each chunk over and must take the GIL back after every
-# call that released it, and while the main thread runs Python that can take a switch interval
-# (5 ms) each time. Measured on the benchmark image (warm, second profile, 2 vCPUs): 1 MiB
-# 9.0-9.4 s, 4 MiB 8.1-8.4 s, 8 MiB 7.2-8.0 s, 16 MiB 7.4-7.7 s; about 50 MB more memory.
-CHUNK = 8 << 20
+# Not 1 MiB: the thread that decodes hands each chunk over and must take the GIL back after every
+# call that released it, which can take a switch interval while the main thread runs Python (5 ms
+# by default; 1 MiB 9.0-9.4 s, 4 MiB 8.1-8.4 s, 8 MiB 7.2-8.0 s warm then). With the interval at
+# 1 ms (cli.main) 4 MiB is best: against 8 MiB, 6 interleaved pairs on the benchmark image, cold
+# -1 %, warm -6 % (-0.36 CPU-s: fewer fresh pages), and a cold conversion's peak RSS 209-219
+# instead of 250-281 MB (a memoryview of a file's content keeps its whole chunk alive); 2 MiB:
+# +1 % cold, +2.5 % warm, 193 MB.
+CHUNK = 4 << 20
 
 Read = Callable[[int], bytes]
 

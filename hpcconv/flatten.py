@@ -286,7 +286,7 @@ _HEADER_BUF = 64 << 10
 
 # How many decoded chunks (CHUNK bytes each) a layer's decoder may run ahead of the reader.
 PREFETCH_DEPTH = 2
-AHEAD_MAX = 16
+AHEAD_MAX = 32
 # A consumer that holds little of the stream itself may let a layer's decoder run further ahead:
 # given a layer digest, the depth for that layer now (at most AHEAD_MAX), or None for
 # PREFETCH_DEPTH; asked from the decoder's thread before each chunk it queues beyond the default.

@@ -385,7 +385,7 @@ class SquashWriter:
         if size == 0:
             node.blocks = []
             return
-        # blocks may be memoryviews of the decoded layer (no copy); each keeps its 8 MiB chunk alive
+        # blocks may be memoryviews of the decoded layer (no copy); each keeps its decoded chunk alive
         # until compressed: a job's blocks are consecutive (one or two chunks), so the window of
         # jobs in flight holds at most ~2 chunks a job (measured: the same peak RSS as copies)
         read = reader_of(e.reader)
@@ -827,11 +827,12 @@ def settings_name(compression: str, level: int | None, block_size: int) -> str:
     return f"{compression}-{DEFAULT_LEVELS[compression] if level is None else level}-{block_size}-{lib}-{KEY_HASH}"
 
 
-# Decoded chunks (8 MiB) a layer's decoder may run ahead when the writer takes that layer's blocks
-# from an earlier image (SquashWriter.read_ahead; the default is 2). The benchmark image, warm (a
-# second profile), 2 runs each: 2 / 8 / 16 chunks 3.36–3.55 / 3.27–3.32 / 3.06–3.12 s, peak RSS
-# 203–206 / 251–253 / 281–286 MiB (16: too close to the 300 MB the issue allows).
-READ_AHEAD_DEEP = 8
+# Decoded chunks (compression.CHUNK, 4 MiB) a layer's decoder may run ahead when the writer takes
+# that layer's blocks from an earlier image (SquashWriter.read_ahead; the default is 2). The
+# benchmark image, warm (a second profile), 2 runs each, with 8 MiB chunks then: 2 / 8 / 16
+# chunks 3.36–3.55 / 3.27–3.32 / 3.06–3.12 s, peak RSS 203–206 / 251–253 / 281–286 MiB: 64 MiB
+# ahead it is.
+READ_AHEAD_DEEP = 16
 DEEP_SLACK = 64            # blocks compressed beyond those reused before the default applies again
 
 

@@ -291,10 +291,10 @@ AHEAD_MAX = 32
 # given a layer digest, the depth for that layer now (at most AHEAD_MAX), or None for
 # PREFETCH_DEPTH; asked from the decoder's thread before each chunk it queues beyond the default.
 # The SquashFS writer sets it for the layers an earlier image in the block-reuse index was made
-# of (emit/sqfs.py, SquashWriter.read_ahead): their blocks come back from that image at once, so the writer's window of
-# jobs, which would otherwise hold decoded chunks, stays nearly empty, and the decoder banks chunks
-# while the reader is slow (small files) for when it is fast again (big files whose blocks are
-# reused), instead of the two taking turns.
+# of (emit/sqfs.py, SquashWriter.read_ahead): their blocks come back from that image at once, so
+# the writer's window of jobs, which would otherwise hold decoded chunks, stays nearly empty, and
+# the decoder banks chunks while the reader is slow (small files) for when it is fast again (big
+# files whose blocks are reused), instead of the two taking turns.
 READ_AHEAD: "contextvars.ContextVar[Callable[[str], int | None] | None]" = contextvars.ContextVar(
     "hpcconv_read_ahead", default=None)
 

@@ -349,7 +349,8 @@ def test_a_layer_downloaded_again_while_it_is_read(fault_image, plain_registry, 
                 "-t", "charliecloud", "--format", "squashfs", "-o", str(out), "--report", str(report),
                 env={**henv, "HPCCONV_FLATTEN_PASSES": passes})
         gets = _gets(proxy, layers[0])
-        assert [(g.status, g.headers.get("Range")) for g in gets] == [(-200, None), (200, f"bytes={len(other_blob) // 2}-")]
+        assert [(g.status, g.headers.get("Range")) for g in gets] == [(-200, None),
+                                                                      (200, f"bytes={len(other_blob) // 2}-")]
         check_store(store_dir, img.blobs)
         if passes == "2":
             one_line_error(r, 4)

@@ -393,40 +393,35 @@ class _Prefetch(ChunkReader):
             super().close()
 
 
-class _Vouched:
-    """A layer blob read as this process downloads it (sources/registry.py, _Following), not
-    hashed here: the download hashes every byte it writes, and `vouch()` says at the end whether
-    the bytes read here are exactly the ones it verified (that saves the single pass a second
-    sha256 of the compressed layer). When they may not be (the download started over while they
-    were read: a server that ignored Range, a partial file proven bad), TwoPassNeeded: the caller
-    reads the layers again, in two passes, from the verified blobs in the store."""
+class _Unhashed:
+    """_Vouched's hash: none (the download's check stands in for it)."""
 
-    def __init__(self, raw, size: int, what: str):
-        self._raw, self._size, self._what = raw, size, what
-        self._n = 0
-        self.verified = False
+    def update(self, data) -> None:
+        pass
 
-    def readable(self) -> bool:
-        return True
+
+class _Vouched(VerifyingReader):
+    """A layer blob read as this process downloads it (sources/registry.py, _Following), sizes
+    checked as by VerifyingReader but not hashed here: the download hashes every byte it writes,
+    and `vouch()` says at the end whether the bytes read here are exactly the ones it verified
+    (that saves the single pass a second sha256 of the compressed layer). When they may not be
+    (the download started over while they were read: a server that ignored Range, a partial file
+    proven bad), TwoPassNeeded: the caller reads the layers again, in two passes, from the
+    verified blobs in the store."""
+
+    def __init__(self, raw, layer: Layer):
+        super().__init__(raw, layer.digest, layer.descriptor.size, what=f"layer {layer.digest}")
+        self._h = _Unhashed()
 
     def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        if self._raw.changed():
+        data = super().read(n)
+        if self._raw.changed():          # (before the bytes are handed on)
             raise TwoPassNeeded(f"{self._what} was downloaded again while it was read")
-        if data:
-            self._n += len(data)
-            if self._n > self._size:
-                raise CorruptInput(f"{self._what} is larger than its declared size {self._size}")
-        elif not self.verified and n != 0:
-            if self._n != self._size:
-                raise CorruptInput(f"{self._what} is truncated: {self._n} of {self._size} bytes")
-            if not self._raw.vouch():
-                raise TwoPassNeeded(f"{self._what} was downloaded again while it was read")
-            self.verified = True
         return data
 
-    def close(self) -> None:
-        self._raw.close()
+    def _check(self) -> None:
+        if not self._raw.vouch():
+            raise TwoPassNeeded(f"{self._what} was downloaded again while it was read")
 
 
 class _Named:
@@ -521,7 +516,7 @@ class Flattener:
         if verify and not isinstance(raw, VerifyingReader):
             if self.single_pass and getattr(raw, "vouchable", False):
                 # a download this process is making, which hashes every byte: see _Vouched
-                return _Vouched(raw, layer.descriptor.size, f"layer {layer.digest}")
+                return _Vouched(raw, layer)
             # the digest on the background hash thread: this stream is read by a layer's decoder
             raw = VerifyingReader(raw, layer.digest, layer.descriptor.size, what=f"layer {layer.digest}",
                                   offload=True)

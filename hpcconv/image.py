@@ -484,10 +484,14 @@ class VerifyingReader:
     def _finish(self) -> None:
         if self._size is not None and self._n != self._size:
             raise CorruptInput(f"{self._what} {self._digest} is truncated: {self._n} of {self._size} bytes")
+        self._check()
+        self.verified = True
+
+    def _check(self) -> None:
+        """At the end, all bytes read and counted: are they the blob?"""
         got = f"{self._digest.split(':', 1)[0]}:{self._h.hexdigest()}"
         if got != self._digest:
             raise CorruptInput(f"{self._what} {self._digest} does not match its content (got {got})")
-        self.verified = True
 
     def close(self) -> None:
         self._raw.close()

@@ -126,7 +126,7 @@ class RegistryClient:
     # plumbing -------------------------------------------------------------------------------------
     def _verify_for(self, url: str):
         host = (urlsplit(url).hostname or "").lower()
-        return False if (self.insecure and host == self.hostname) else True     # (the CAs: mount_tls)
+        return not (self.insecure and host == self.hostname)     # (the CAs: mount_tls)
 
     def credential(self) -> credentials.Credential | None:
         if self._explicit:

@@ -88,8 +88,9 @@ def test_token_realm_checks():
 def test_insecure_skips_certificate_checks_for_that_host_only(test_certs, monkeypatch):
     """--insecure for a registry: its TLS connections are not checked, while a server on another
     host is still checked, before and after, on the same session (the checked and the unchecked
-    SSL context never mix); no connection loads a CA file. Real TLS servers on loopback with a
-    certificate from a CA the client does not trust."""
+    SSL context never mix); the CA bundle is loaded once, by the client's Trust when the first
+    checked connection asks for it, and no connection loads one of its own. Real TLS servers on
+    loopback with a certificate from a CA the client does not trust."""
     import http.server
     import threading
 
@@ -128,9 +129,57 @@ def test_insecure_skips_certificate_checks_for_that_host_only(test_certs, monkey
                 else:
                     with pytest.raises(NetworkError, match="certificate verify failed"):
                         c._send("GET", url, {})
-            assert loads == []           # (urllib3's own contexts: one store load per new connection)
+            # (urllib3's own contexts: a store load per new connection; an eager Trust: none here)
+            assert loads == [2]
     finally:
         for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+
+
+def test_plain_http_loads_no_ca_bundle_and_a_bad_one_fails_on_first_use(tmp_path, test_certs, monkeypatch):
+    """A client that only talks plain HTTP (a local registry with --insecure) never loads a CA
+    bundle (~20 ms a run); a base bundle that holds no certificate is not read when the client is
+    made, and is a one-line error at the first checked HTTPS connection. Real servers on loopback."""
+    import http.server
+    import threading
+
+    from hpcconv.reference import parse
+    from hpcconv.registry.client import RegistryClient
+    from registryfix import server_context
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *a):
+            pass
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    tls.socket = server_context(test_certs).wrap_socket(tls.socket, server_side=True)
+    for srv in (plain, tls):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    (tmp_path / "junk.pem").write_bytes(b"no certificate here\n")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "junk.pem"))
+    loads = []
+    real = ssl.SSLContext.load_verify_locations
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations",
+                        lambda self, *a, **k: loads.append(1) or real(self, *a, **k))
+    try:
+        host = f"127.0.0.1:{plain.server_address[1]}"
+        with RegistryClient(parse(f"{host}/a/b"), insecure=True) as c:
+            for _ in range(2):
+                assert c._send("GET", f"http://{host}/v2/", {}).status_code == 200
+            assert loads == []
+            with pytest.raises(NetworkError, match=r"CA bundle .*junk.pem holds no usable certificate"):
+                c._send("GET", f"https://localhost:{tls.server_address[1]}/v2/", {})
+            assert loads == [1]
+    finally:
+        for srv in (plain, tls):
             srv.shutdown()
             srv.server_close()
 

@@ -5,7 +5,7 @@
   with requests' own `get_environ_proxies` (so loopback is proxied unless NO_PROXY says otherwise,
   exactly as plain requests would do).
 * Trust: `REQUESTS_CA_BUNDLE`, else `SSL_CERT_FILE`, else certifi is the base bundle; `--ca-cert`
-  adds to it (a combined bundle is written to a private temp file).
+  adds to it (both loaded into one SSL context, no file written).
 * Retries: 429/500/502/503/504 and connection errors, exponential backoff with jitter, honouring
   `Retry-After` (seconds or an HTTP date), bounded attempts. TLS errors are not retried; a refused
   connection or unknown host is retried once.
@@ -22,6 +22,7 @@ import email.utils
 import os
 import random
 import ssl
+import threading
 import time
 import warnings
 from typing import Callable
@@ -72,18 +73,44 @@ class Trust:
     (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, else certifi's) and, with --ca-cert, that CA too, built
     once per client and given to urllib3 by `mount_tls`. (urllib3 otherwise reads a bundle file
     into a fresh context for every new connection, ~20 ms each; and --ca-cert needed a combined
-    bundle written to /tmp, which a killed process left behind.) `bundle`: the base bundle's path."""
+    bundle written to /tmp, which a killed process left behind.) `bundle`: the base bundle's path.
+
+    Without --ca-cert the context is built when the first checked HTTPS connection asks for it:
+    loading the base bundle takes ~20 ms, which a run against a plain-HTTP registry (a local one,
+    the test suite's, the benchmark's) never needs. A --ca-cert file is loaded at once, so that a
+    bad one fails before anything is sent."""
 
     def __init__(self, ca_cert: str | None):
-        self.bundle = base_bundle()
-        self.context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
-        for path in [self.bundle] + ([ca_cert] if ca_cert else []):
-            try:
-                self.context.load_verify_locations(cafile=path)
-            except ssl.SSLError as e:
-                raise NetworkError(f"CA bundle {path} holds no usable certificate ({e.reason or e})") from None
-            except OSError as e:
-                raise NetworkError(f"cannot read CA bundle {path}: {e.strerror or e}") from None
+        self._ca_cert = ca_cert
+        self._bundle: str | None = None
+        self._context = None
+        self._lock = threading.Lock()           # (download threads may open the first connections)
+        if ca_cert:
+            self._load()
+
+    @property
+    def bundle(self) -> str:
+        if self._bundle is None:
+            self._bundle = base_bundle()
+        return self._bundle
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self._context if self._context is not None else self._load()
+
+    def _load(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._context is None:
+                context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+                for path in [self.bundle] + ([self._ca_cert] if self._ca_cert else []):
+                    try:
+                        context.load_verify_locations(cafile=path)
+                    except ssl.SSLError as e:
+                        raise NetworkError(f"CA bundle {path} holds no usable certificate ({e.reason or e})") from None
+                    except OSError as e:
+                        raise NetworkError(f"cannot read CA bundle {path}: {e.strerror or e}") from None
+                self._context = context
+            return self._context
 
 
 def retry_after(value: str | None) -> float | None:
@@ -115,22 +142,22 @@ def new_session() -> requests.Session:
 
 
 class _ContextTLS(requests.adapters.HTTPAdapter):
-    """HTTPS through SSL contexts made once: `checked` (the Trust's) for requests sent with
-    verify=True, one without checks for verify=False (the --insecure host, `_verify_for`). Each
-    context goes into the connection pool's key, so a pool, and the per-connection setting of its
-    context's verify mode, only ever sees one verify value. urllib3 loads CA files only into a
+    """HTTPS through SSL contexts made once: the Trust's for requests sent with verify=True
+    (built when the first such connection is made), one without checks for verify=False (the
+    --insecure host, `_verify_for`). Each context goes into the connection pool's key, so a pool,
+    and the per-connection setting of its context's verify mode, only ever sees one verify value. urllib3 loads CA files only into a
     context it makes itself or when told a CA path, which requests' cert_verify tells it for every
     checked connection: cleared here (the context holds the CAs)."""
 
-    def __init__(self, checked):
-        self._checked = checked
+    def __init__(self, trust: Trust):
+        self._trust = trust
         self._unchecked = None
         super().__init__()
 
     def build_connection_pool_key_attributes(self, request, verify, cert=None):
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
         if verify is True:
-            pool_kwargs["ssl_context"] = self._checked
+            pool_kwargs["ssl_context"] = self._trust.context
         elif verify is False:
             if self._unchecked is None:
                 self._unchecked = create_urllib3_context(cert_reqs=ssl.CERT_NONE)
@@ -150,7 +177,7 @@ def mount_tls(session: requests.Session, trust: Trust) -> None:
     """HTTPS checked against `trust`'s context (requests sent with verify=True), or not checked at
     all (verify=False), without loading a CA file per connection: urllib3 would load the system
     store into a fresh context for every new connection, ~20 ms, even an unchecked one."""
-    session.mount("https://", _ContextTLS(trust.context))
+    session.mount("https://", _ContextTLS(trust))
 
 
 def send(session: requests.Session, method: str, url: str, *, headers: dict, verify, stream: bool = False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import http.server
 import os
 import ssl
 import tempfile
@@ -85,31 +86,34 @@ def test_token_realm_checks():
             c._check_realm("http://auth.example.org/token")
 
 
+class _Ok(http.server.BaseHTTPRequestHandler):
+    """A server that answers every GET with `{}`."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *a):
+        pass
+
+
 def test_insecure_skips_certificate_checks_for_that_host_only(test_certs, monkeypatch):
     """--insecure for a registry: its TLS connections are not checked, while a server on another
     host is still checked, before and after, on the same session (the checked and the unchecked
     SSL context never mix); the CA bundle is loaded once, by the client's Trust when the first
     checked connection asks for it, and no connection loads one of its own. Real TLS servers on
     loopback with a certificate from a CA the client does not trust."""
-    import http.server
     import threading
 
     from hpcconv.reference import parse
     from hpcconv.registry.client import RegistryClient
     from registryfix import server_context
 
-    class Ok(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *a):
-            pass
     servers = []
     for ip in ("127.0.0.1", "127.0.0.2"):
-        srv = http.server.ThreadingHTTPServer((ip, 0), Ok)
+        srv = http.server.ThreadingHTTPServer((ip, 0), _Ok)
         srv.socket = server_context(test_certs).wrap_socket(srv.socket, server_side=True)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
@@ -120,7 +124,8 @@ def test_insecure_skips_certificate_checks_for_that_host_only(test_certs, monkey
         with RegistryClient(parse(f"{own}/a/b"), insecure=True) as c:
             loads = []
             real, real_files = ssl.SSLContext.load_default_certs, ssl.SSLContext.load_verify_locations
-            monkeypatch.setattr(ssl.SSLContext, "load_default_certs", lambda self, *a: loads.append(1) or real(self, *a))
+            monkeypatch.setattr(ssl.SSLContext, "load_default_certs",
+                                lambda self, *a: loads.append(1) or real(self, *a))
             monkeypatch.setattr(ssl.SSLContext, "load_verify_locations",
                                 lambda self, *a, **k: loads.append(2) or real_files(self, *a, **k))
             for url in (f"https://{own}/v2/", f"https://{other}/v2/", f"https://{own}/v2/", f"https://{other}/v2/"):
@@ -141,24 +146,14 @@ def test_plain_http_loads_no_ca_bundle_and_a_bad_one_fails_on_first_use(tmp_path
     """A client that only talks plain HTTP (a local registry with --insecure) never loads a CA
     bundle (~20 ms a run); a base bundle that holds no certificate is not read when the client is
     made, and is a one-line error at the first checked HTTPS connection. Real servers on loopback."""
-    import http.server
     import threading
 
     from hpcconv.reference import parse
     from hpcconv.registry.client import RegistryClient
     from registryfix import server_context
 
-    class Ok(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *a):
-            pass
-    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
-    tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
     tls.socket = server_context(test_certs).wrap_socket(tls.socket, server_side=True)
     for srv in (plain, tls):
         threading.Thread(target=srv.serve_forever, daemon=True).start()

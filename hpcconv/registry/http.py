@@ -145,9 +145,10 @@ class _ContextTLS(requests.adapters.HTTPAdapter):
     """HTTPS through SSL contexts made once: the Trust's for requests sent with verify=True
     (built when the first such connection is made), one without checks for verify=False (the
     --insecure host, `_verify_for`). Each context goes into the connection pool's key, so a pool,
-    and the per-connection setting of its context's verify mode, only ever sees one verify value. urllib3 loads CA files only into a
-    context it makes itself or when told a CA path, which requests' cert_verify tells it for every
-    checked connection: cleared here (the context holds the CAs)."""
+    and the per-connection setting of its context's verify mode, only ever sees one verify value.
+    urllib3 loads CA files only into a context it makes itself or when told a CA path, which
+    requests' cert_verify tells it for every checked connection: cleared here (the context holds
+    the CAs)."""
 
     def __init__(self, trust: Trust):
         self._trust = trust

@@ -432,41 +432,6 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler's time limit, `kill`): unwinds and cleans up like Ctrl-C."""
-
-
-_PENDING: list[int] = []
-
-
-def _in_finalizer(frame) -> bool:
-    """Whether Python is running a weakref callback or __del__ (an exception raised there is
-    printed as 'ignored' and lost, so the Ctrl-C would be too)."""
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "__del__" or (code.co_name == "_remove" and code.co_filename.endswith("_weakrefset.py")):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _on_signal(signum, frame):
-    """SIGINT/SIGTERM: raise in the main thread so that every `finally` cleans up. Raised inside a
-    finalizer it would be lost, so it is re-delivered a moment later instead."""
-    import signal
-
-    if signum == signal.SIGALRM:
-        if not _PENDING:
-            return
-        signum = _PENDING[0]
-    elif not _PENDING:
-        _PENDING.append(signum)
-    if _in_finalizer(frame):
-        signal.setitimer(signal.ITIMER_REAL, 0.02)
-        return
-    raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
 def main() -> None:
     import gc
     import signal
@@ -484,13 +449,15 @@ def main() -> None:
     # of work per 8 MiB chunk then). 1 ms, interleaved runs on 2 cores: warm -3.8 %, cold -2.5 %.
     sys.setswitchinterval(0.001)
 
+    from .interrupts import PENDING, Terminated, interrupt, on_signal
+
     with __import__("contextlib").suppress(ValueError):       # not in the main thread: leave it
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
-            signal.signal(sig, _on_signal)
+            signal.signal(sig, on_signal)
     try:
         rc = app(standalone_mode=False)   # click returns (not raises) a typer.Exit's code in this mode
-        if _PENDING and rc == 130:        # typer turned our KeyboardInterrupt into Exit(130) after unwinding
-            raise _Terminated() if _PENDING[0] == signal.SIGTERM else KeyboardInterrupt()
+        if PENDING and rc == 130:         # typer turned our KeyboardInterrupt into Exit(130) after unwinding
+            raise interrupt(PENDING[0])
         if isinstance(rc, int) and rc:
             _exit_now(rc)                 # downloads stopped by the failure may still sit in a read
     except HpcconvError as e:
@@ -503,7 +470,7 @@ def main() -> None:
         # the stack has unwound (temporary outputs removed, child tools killed); a download thread
         # still blocked in a read must not hold the exit up, so leave without joining threads
         signal.setitimer(signal.ITIMER_REAL, 0)
-        term = isinstance(e, _Terminated) or _PENDING[:1] == [signal.SIGTERM]
+        term = isinstance(e, Terminated) or PENDING[:1] == [signal.SIGTERM]
         print("hpcconv: terminated" if term else "hpcconv: interrupted", file=sys.stderr)
         _exit_now(143 if term else 130)
     except typer.Exit as e:

@@ -30,11 +30,8 @@ epoch, so two conversions of the same image are byte-identical.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-import subprocess
-import tempfile
 import time
 import uuid as uuidlib
 from collections import Counter
@@ -396,26 +393,7 @@ def _squashfs_into(entries: Iterable[Entry], tmp: Path, offset: int, compression
     if when is not None:
         env["SOURCE_DATE_EPOCH"] = str(when)
     dropped: list[str] = []
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        n = 0
-        try:
-            sinks.widen_pipe(proc.stdin)        # (in the try: an interrupt here kills the tool too)
-            n = sinks._write_tar_to(sinks._sqfs_entries(entries, dropped), proc.stdin, None, None, reporter,
-                                    f"writing {label}")
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        rc = proc.wait()
-        err.seek(0)
-        msg = err.read().decode(errors="replace").strip()
+    n, rc, msg = sinks.pipe_tar(cmd, entries, dropped, reporter, f"writing {label}", env=env)
     if rc != 0:
         tail = " / ".join(msg.splitlines()[-3:]) or f"exit status {rc}"
         if "No space left" in msg:

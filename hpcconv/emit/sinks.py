@@ -445,6 +445,41 @@ def write_squashfs_native(entries: Iterable[Entry], fd: int, base: int, compress
     return w, reuse
 
 
+def pipe_tar(cmd: list[str], entries: Iterable[Entry], dropped: list[str], reporter: Reporter, label: str,
+             env: dict | None = None) -> tuple[int, int, str]:
+    """Stream the entries as a tar into the stdin of `cmd` (tar2sqfs, mksquashfs -tar). Returns the
+    entry count, the tool's exit status and what it said on stderr; `dropped` receives the xattrs
+    SquashFS cannot store. On any exception (an interrupt included) the tool is killed and waited
+    for before it passes on, so the tool never writes its output after the caller removed it."""
+    from ..interrupts import held
+
+    n = 0
+    proc = None
+    with tempfile.TemporaryFile() as err:
+        try:
+            with held():        # an interrupt inside Popen, after the fork, would leave the tool unknown here
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env)
+            widen_pipe(proc.stdin)
+            try:
+                n = _write_tar_to(_sqfs_entries(entries, dropped), proc.stdin, None, None, reporter, label)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass            # the tool died: what it said tells why
+            rc = proc.wait()
+        except BaseException:
+            if proc is not None:
+                with held():
+                    proc.kill()
+                    proc.wait()
+            raise
+        finally:
+            if proc is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+        err.seek(0)
+        return n, rc, err.read().decode(errors="replace").strip()
+
+
 def write_squashfs(entries: Iterable[Entry], path: Path | str, compression: str = "gzip",
                    reporter: Reporter = NULL, level: int | None = None, block_size: int = BLOCK_SIZE,
                    force: bool = False, record_later: list | None = None, stats: dict | None = None) -> int:
@@ -476,28 +511,7 @@ def write_squashfs(entries: Iterable[Entry], path: Path | str, compression: str 
         return w.count
     with _atomic(path, force) as tmp:
         cmd = squashfs_command(tmp, compression, level, block_size)
-        with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
-            n = 0
-            try:
-                # (inside the try: a Ctrl-C met here, right after the start, must kill the tool too,
-                # or it lives on and writes the temporary after it was removed)
-                widen_pipe(proc.stdin)
-                n = _write_tar_to(_sqfs_entries(entries, dropped), proc.stdin, None, None, reporter,
-                                  f"writing {path.name}")
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass  # the tool died: its message below says why
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
-            finally:
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()
-            rc = proc.wait()
-            err.seek(0)
-            msg = err.read().decode(errors="replace").strip()
+        n, rc, msg = pipe_tar(cmd, entries, dropped, reporter, f"writing {path.name}")
         if rc != 0:
             tail = " / ".join(msg.splitlines()[-3:]) or f"exit status {rc}"
             if "No space left" in msg or ("I/O error" in msg and _nearly_full(path.parent)):

@@ -77,3 +77,35 @@ class held:
         if et is not None and issubclass(et, KeyboardInterrupt):
             return False
         raise interrupt(signum)
+
+
+def run(args, *, input=None, timeout: float | None = None, check: bool = False, capture_output: bool = False,
+        **popen):
+    """`subprocess.run` for a child that writes where the caller cleans up (an unpacked image, a
+    download directory) or may run long: started inside `held`, so a SIGINT/SIGTERM that lands in
+    `Popen` (after the fork) is raised where the child is known, killed and reaped, instead of
+    leaving it running on after the caller's clean-up. On a timeout the child is killed too, and
+    `subprocess.TimeoutExpired` carries what it wrote so far, as with `subprocess.run`."""
+    import subprocess
+
+    if capture_output:
+        popen["stdout"] = popen["stderr"] = subprocess.PIPE
+    if input is not None:
+        popen["stdin"] = subprocess.PIPE
+    proc = None
+    try:
+        with held():
+            proc = subprocess.Popen(args, **popen)
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException:
+        if proc is not None:
+            with held():
+                proc.kill()
+                proc.wait()
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                if f is not None:
+                    f.close()
+        raise
+    if check and proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, args, out, err)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)

@@ -82,3 +82,41 @@ def store_dir(tmp_path, monkeypatch) -> Path:
     d = tmp_path / "store"
     monkeypatch.setenv("HPCCONV_STORE", str(d))
     return d
+
+
+@pytest.fixture
+def cli_signals(monkeypatch):
+    """The CLI's SIGINT/SIGTERM handling installed in this (pytest's) process for one test, with a
+    fresh record of the signals received; the previous handlers are put back afterwards."""
+    import signal
+
+    from hpcconv import interrupts
+
+    monkeypatch.setattr(interrupts, "PENDING", [])
+    monkeypatch.setattr(interrupts, "_deferred", [])
+    old = {s: signal.signal(s, interrupts.on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    yield interrupts
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+@pytest.fixture
+def signal_inside_popen(monkeypatch):
+    """Make every subprocess.Popen send a signal to this process right after its child started, so
+    that the signal's handler runs inside Popen (the window a real signal hits only by chance; no
+    real component lands it there on demand). Call with the signal; returns the Popens started."""
+    import signal
+    import subprocess
+
+    started: list[subprocess.Popen] = []
+
+    def arm(sig: int = signal.SIGTERM) -> list[subprocess.Popen]:
+        class Popen(subprocess.Popen):
+            def _execute_child(self, *a, **kw):
+                super()._execute_child(*a, **kw)
+                started.append(self)
+                os.kill(os.getpid(), sig)   # the handler runs at the next bytecode: still inside Popen
+
+        monkeypatch.setattr(subprocess, "Popen", Popen)
+        return started
+    return arm

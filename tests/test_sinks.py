@@ -439,35 +439,19 @@ def test_an_interrupt_right_after_the_builder_starts_kills_it(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_inside_popen_still_kills_the_builder(sig, tmp_path, monkeypatch):
+def test_a_signal_inside_popen_still_kills_the_builder(sig, tmp_path, monkeypatch, cli_signals,
+                                                        signal_inside_popen):
     """The window left before the test above: a SIGINT/SIGTERM that lands inside subprocess.Popen,
     after the fork. CI hit it with a real SIGTERM: the exception left Popen before anyone held the
     tool, which read end-of-input and wrote an empty image under the temporary's name after the
     unwinding had removed it. With the CLI's handler installed the signal is held until Popen
-    returns, then raised where the tool is killed and reaped. Mock: a Popen subclass sends the real
-    signal to this process right after the child started (nothing real lands it there on demand)."""
+    returns, then raised where the tool is killed and reaped (real tar2sqfs, real signal)."""
     need("tar2sqfs")
-    from hpcconv import interrupts
-
-    started: list[subprocess.Popen] = []
-
-    class Popen(subprocess.Popen):
-        def _execute_child(self, *a, **kw):
-            super()._execute_child(*a, **kw)
-            started.append(self)
-            os.kill(os.getpid(), sig)   # the handler runs at the next bytecode: still inside Popen
-
-    monkeypatch.setattr(subprocess, "Popen", Popen)
-    monkeypatch.setattr(interrupts, "PENDING", [])
+    started = signal_inside_popen(sig)
     monkeypatch.setenv("HPCCONV_SQUASHFS_BUILDER", "external")
-    old = {s: signal.signal(s, interrupts.on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
-    try:
-        with pytest.raises(KeyboardInterrupt) as got:
-            write_squashfs(iter([Entry("a", FILE, 0o644, size=1, reader=io.BytesIO(b"x"))]), tmp_path / "o.sqfs")
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    assert isinstance(got.value, interrupts.Terminated) == (sig == signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as got:
+        write_squashfs(iter([Entry("a", FILE, 0o644, size=1, reader=io.BytesIO(b"x"))]), tmp_path / "o.sqfs")
+    assert isinstance(got.value, cli_signals.Terminated) == (sig == signal.SIGTERM)
     assert len(started) == 1
     try:
         os.waitpid(started[0].pid, 0)           # a tool nobody killed ends here, its image written

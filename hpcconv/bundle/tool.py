@@ -16,13 +16,12 @@ import base64
 import hashlib
 import os
 import re
-import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, interrupts
 from ..errors import SourceError, UsageError
 
 INSTALL_SH = r"""#!/bin/sh
@@ -163,7 +162,7 @@ class ToolSpec:
                "--dest", str(wheels), "--python-version", self.python, "--implementation", "cp"]
         for p in self.platforms:
             cmd += ["--platform", p]
-        r = subprocess.run(cmd + reqs, capture_output=True, text=True)
+        r = interrupts.run(cmd + reqs, capture_output=True, text=True)
         if r.returncode != 0:
             tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
             raise SourceError("pip download of hpcconv's dependencies failed: " + " / ".join(tail),

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import interrupts
 from ..errors import CorruptInput, UsageError
 from .checks import FAIL, PASS, Checks
 
@@ -265,7 +266,7 @@ def chrun_image(e: Emitted, scratch: Path | None = None) -> Path:
     if e.fmt == "tar":
         root = tmp / "img"
         root.mkdir()
-        r = subprocess.run(["tar", "-xf", str(e.path), "-C", str(root), "--no-same-owner"],
+        r = interrupts.run(["tar", "-xf", str(e.path), "-C", str(root), "--no-same-owner"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise CorruptInput(f"cannot unpack {e.path}: {r.stderr.strip()[:200]}")

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import interrupts
 from .checks import FAIL, PASS, SKIP, Check, Checks
 from .images import Emitted, chrun_image
 
@@ -143,7 +144,7 @@ def emulation(arch: str | None) -> tuple[bool, str | None]:
 def _exec(argv: list[str], timeout: float, env: dict | None = None) -> Execution:
     t0 = time.monotonic()
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
+        r = interrupts.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         return Execution(-1, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""),
                          "", time.monotonic() - t0, argv, f"timed out after {timeout:g} s")

@@ -164,3 +164,19 @@ def test_offloaded_hashes_keep_each_ones_order_across_threads():
     ok = OffloadedHash(hashlib.sha256())               # the thread goes on for the others
     ok.update(b"abc")
     assert ok.hexdigest() == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_the_hash_thread_runs_at_the_lowest_priority():
+    """The layer hashes wait for nothing but a layer's end: their thread yields the vCPUs to the
+    conversion's other threads (nice 19, as the kernel reports it in /proc for that thread alone)."""
+    import os
+    import threading
+
+    h = OffloadedHash(hashlib.sha256())
+    h.update(b"abc")
+    assert h.hexdigest() == hashlib.sha256(b"abc").hexdigest()
+    [t] = [t for t in threading.enumerate() if t.name == "hpcconv-hash"]
+    stat = open(f"/proc/self/task/{t.native_id}/stat").read()
+    assert int(stat.rsplit(")", 1)[1].split()[16]) == 19          # field 19: nice
+    me = open(f"/proc/self/task/{threading.get_native_id()}/stat").read()
+    assert int(me.rsplit(")", 1)[1].split()[16]) == os.getpriority(os.PRIO_PROCESS, 0) != 19

@@ -104,7 +104,10 @@ def run(args, *, input=None, timeout: float | None = None, check: bool = False, 
                 proc.wait()
             for f in (proc.stdin, proc.stdout, proc.stderr):
                 if f is not None:
-                    f.close()
+                    try:
+                        f.close()
+                    except OSError:
+                        pass            # (a stdin the child never read: the error being raised matters)
         raise
     if check and proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, args, out, err)

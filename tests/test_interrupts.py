@@ -55,30 +55,30 @@ def test_run_as_subprocess_run(tmp_path):
     assert got.value.stdout == b"started\n"          # what it wrote so far, as subprocess.run gives
 
 
+def _signal_me(sig: int) -> None:
+    os.kill(os.getpid(), sig)               # delivered to this (the calling) thread on the way back
+    for _ in range(1000):                    # the handler has run by now (inside `held`: held it back)
+        pass
+
+
 def test_held_raises_at_the_end_of_the_block(cli_signals):
     order = []
     with pytest.raises(interrupts.Terminated):
         with interrupts.held():
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(1000):                    # the handler has run by now (and held it back)
-                pass
+            _signal_me(signal.SIGTERM)
             order.append("block ran to its end")
     assert order == ["block ran to its end"]
     # an error leaving the block is replaced by the held interrupt (the user asked to stop) ...
     with pytest.raises(KeyboardInterrupt) as got:
         with interrupts.held():
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):
-                pass
+            _signal_me(signal.SIGINT)
             raise OSError("tool not found")
     assert isinstance(got.value.__context__, OSError)
     # ... but an interrupt already leaving it stands for the held one, which is not raised again
     with pytest.raises(KeyboardInterrupt) as got:
         with interrupts.held():
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):
-                pass
+            _signal_me(signal.SIGINT)
             raise KeyboardInterrupt("first")
     assert got.value.args == ("first",)
     with interrupts.held():
-        pass                                         # nothing left over to raise
+        pass                                 # nothing left over to raise

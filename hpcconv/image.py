@@ -80,8 +80,8 @@ class _HashWorker:
     a vCPU idle (on two vCPUs about 14 % of a cold conversion, mostly while the main thread alone
     sets the pace) instead of taking turns with the decoder and the compressors. Cold benchmark
     image, interleaved: 2.5 % faster (3 runs of 6-8 pairs; the deeper lag alone gains nothing),
-    warm unchanged; peak RSS 210-220 MiB as before, though the lag may hold up to 48 MiB more (six
-    more 8 MiB chunks) when hashing falls behind."""
+    warm unchanged; peak RSS 210-220 MiB as before, though the lag may hold up to 24 MiB more (six
+    more pieces of at most compression.CHUNK, 4 MiB) when hashing falls behind."""
 
     DEPTH = 8               # pieces waiting (bounded memory: the decoder waits when the hashing lags)
 

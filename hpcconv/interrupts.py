@@ -79,6 +79,15 @@ class held:
         raise interrupt(signum)
 
 
+def reap(proc) -> None:
+    """Kill a child started by `subprocess.Popen` and wait for it, a second interrupt held off
+    meanwhile: on the way out of an exception, so that the child writes nothing after the caller's
+    clean-up."""
+    with held():
+        proc.kill()
+        proc.wait()
+
+
 def run(args, *, input=None, timeout: float | None = None, check: bool = False, capture_output: bool = False,
         **popen):
     """`subprocess.run` for a child that writes where the caller cleans up (an unpacked image, a
@@ -99,9 +108,7 @@ def run(args, *, input=None, timeout: float | None = None, check: bool = False, 
         out, err = proc.communicate(input, timeout=timeout)
     except BaseException:
         if proc is not None:
-            with held():
-                proc.kill()
-                proc.wait()
+            reap(proc)
             for f in (proc.stdin, proc.stdout, proc.stderr):
                 if f is not None:
                     try:

@@ -451,7 +451,7 @@ def pipe_tar(cmd: list[str], entries: Iterable[Entry], dropped: list[str], repor
     entry count, the tool's exit status and what it said on stderr; `dropped` receives the xattrs
     SquashFS cannot store. On any exception (an interrupt included) the tool is killed and waited
     for before it passes on, so the tool never writes its output after the caller removed it."""
-    from ..interrupts import held
+    from ..interrupts import held, reap
 
     n = 0
     proc = None
@@ -468,9 +468,7 @@ def pipe_tar(cmd: list[str], entries: Iterable[Entry], dropped: list[str], repor
             rc = proc.wait()
         except BaseException:
             if proc is not None:
-                with held():
-                    proc.kill()
-                    proc.wait()
+                reap(proc)
             raise
         finally:
             if proc is not None:
